@@ -1,0 +1,85 @@
+"""uda-selftrain: composable primitives for self-training domain adaptation of segmentation.
+
+The reference method is HIAST (Hard-aware Instance Adaptive Self-Training, TPAMI 2025). Import the
+primitives into your own training loop:
+
+>>> import torch
+>>> import uda_selftrain as ust
+>>> selector = ust.InstanceAdaptiveSelector(num_classes=19)
+>>> loss_fn = ust.HIASTLoss()
+"""
+
+from ._checks import set_value_checks, value_checks
+from .losses import (
+    HIASTLoss,
+    HIASTLossOutput,
+    consistency_loss,
+    entropy_loss,
+    hiast_loss,
+    pseudo_label_ce,
+    region_masks,
+    smoothing_loss,
+)
+from .metrics import (
+    PROTOCOLS,
+    ConfusionMatrix,
+    confusion_matrix,
+    iou_from_confusion,
+    miou,
+    pixel_accuracy,
+    protocol_scores,
+)
+from .quantiles import grouped_quantile
+from .selection import (
+    ArgmaxSelector,
+    CBSTSelector,
+    ConstantThresholdSelector,
+    InstanceAdaptiveSelector,
+    Selection,
+    cbst_thresholds,
+    confidence_and_prediction,
+    ias_update,
+    select_argmax,
+    select_constant,
+    select_with_thresholds,
+    selected_class_statistics,
+)
+from .teacher import EMATeacher, unwrap_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROTOCOLS",
+    "ArgmaxSelector",
+    "CBSTSelector",
+    "ConfusionMatrix",
+    "ConstantThresholdSelector",
+    "EMATeacher",
+    "HIASTLoss",
+    "HIASTLossOutput",
+    "InstanceAdaptiveSelector",
+    "Selection",
+    "__version__",
+    "cbst_thresholds",
+    "confidence_and_prediction",
+    "confusion_matrix",
+    "consistency_loss",
+    "entropy_loss",
+    "grouped_quantile",
+    "hiast_loss",
+    "ias_update",
+    "iou_from_confusion",
+    "miou",
+    "pixel_accuracy",
+    "protocol_scores",
+    "pseudo_label_ce",
+    "region_masks",
+    "select_argmax",
+    "select_constant",
+    "select_with_thresholds",
+    "selected_class_statistics",
+    "set_value_checks",
+    "smoothing_loss",
+    "unwrap_model",
+    "value_checks",
+]

@@ -1,0 +1,420 @@
+"""Self-training losses of HIAST: pseudo-label CE, region-adaptive regularisation, consistency.
+
+Regions (SPEC §4): the *confident* region ``I`` holds the pixels with a pseudo-label
+(``labels ≠ ignore_index``), the *ignored* region ``Ī`` the rest. With ``p = softmax(logits)``:
+
+* pseudo-label CE on ``I``: ``mean_{i∈I} −log p_ŷ(i)``;
+* smoothing on ``I`` (KL to the uniform distribution, constant dropped):
+  ``R_c = Σ_{i∈I} Σ_c −(1/C) log p_c(i) / (C·|I|)``;
+* sharpening on ``Ī`` (entropy): ``R_i = Σ_{i∈Ī} Σ_c −p_c log p_c / (C·|Ī|)``;
+* consistency to the teacher on a region ``R``: ``Σ_{i∈R} Σ_c −q_c log p_c / (C·|R|)`` with
+  ``q = softmax(teacher_logits)``.
+
+**Normalisation.** The public implementation divides the class-summed terms by the number of
+elements of an ``(N, C, H, W)`` mask, i.e. by ``C·|R|``; that extra ``1/C`` is the default here
+(``normalization="reference"``) so that the published loss weights transfer. ``"pixel"`` divides
+by ``|R|`` alone. An empty region contributes exactly 0 (and a zero gradient), never NaN.
+
+No ``(N, C, H, W)`` weight tensor is built and nothing synchronises with the host. The fused
+:func:`hiast_loss` computes every term from one log-softmax per image and recomputes in its
+backward pass instead of storing activations, which keeps its peak memory low.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from ._checks import check_finite, check_float, check_labels
+
+__all__ = [
+    "HIASTLoss",
+    "HIASTLossOutput",
+    "consistency_loss",
+    "entropy_loss",
+    "hiast_loss",
+    "pseudo_label_ce",
+    "region_masks",
+    "smoothing_loss",
+]
+
+Normalization = Literal["reference", "pixel"]
+Region = Literal["ignored", "confident", "all"]
+
+
+def _check_logits(name: str, logits: object) -> torch.Tensor:
+    t = check_float(name, logits, ndim=4, shape_hint="(N, C, H, W)")
+    check_finite(name, t)
+    return t
+
+
+def _check_inputs(
+    logits: object, labels: object, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x = _check_logits("logits", logits)
+    n, c, h, w = x.shape
+    y = check_labels("labels", labels, (n, h, w), c, ignore_index)
+    return x, y
+
+
+def _check_norm(normalization: str) -> None:
+    if normalization not in ("reference", "pixel"):
+        raise ValueError(f"normalization must be 'reference' or 'pixel', got {normalization!r}")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs (reductions in float32), float64 for float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def region_masks(
+    labels: torch.Tensor, ignore_index: int = 255
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confident (``labels ≠ ignore_index``) and ignored masks, both ``(N, H, W)`` bool.
+
+    >>> import torch
+    >>> conf, ign = region_masks(torch.tensor([[[0, 255]]]))
+    >>> conf.tolist(), ign.tolist()
+    ([[[True, False]]], [[[False, True]]])
+    """
+    confident = labels != ignore_index
+    return confident, ~confident
+
+
+def _region_weight(
+    mask: torch.Tensor, denominator_scale: float, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Per-pixel weight ``mask / (scale · |mask|)``; an empty mask gives all zeros, no host sync."""
+    m = mask.to(dtype)
+    return m / (m.sum().clamp(min=1.0) * denominator_scale)
+
+
+def pseudo_label_ce(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = 255
+) -> torch.Tensor:
+    """Mean cross-entropy over the pixels with a pseudo-label (0 when there are none).
+
+    Args:
+        logits: ``(N, C, H, W)`` student logits (any float dtype; computed in float32).
+        labels: ``(N, H, W)`` integer pseudo-labels in ``[0, C)`` or ``ignore_index``.
+
+    Returns:
+        Scalar float32 tensor.
+
+    >>> import torch
+    >>> round(pseudo_label_ce(torch.zeros(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long)).item(), 4)
+    1.3863
+    """
+    x, y = _check_inputs(logits, labels, ignore_index)
+    confident, _ = region_masks(y, ignore_index)
+    logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
+    target = torch.where(confident, y, 0).long()
+    nll = -logp.gather(1, target[:, None])[:, 0]
+    return (nll * _region_weight(confident, 1.0, logp.dtype)).sum()
+
+
+def smoothing_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = 255,
+    normalization: Normalization = "reference",
+) -> torch.Tensor:
+    """Region-adaptive smoothing on the confident region (KL to uniform without its constant).
+
+    ``Σ_{i∈I} Σ_c −(1/C) log p_c(i) / (C·|I|)`` (``"reference"``) or ``/ |I|`` (``"pixel"``).
+
+    >>> import torch
+    >>> round(smoothing_loss(torch.zeros(1, 4, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long)).item(), 4)
+    0.3466
+    """
+    _check_norm(normalization)
+    x, y = _check_inputs(logits, labels, ignore_index)
+    c = x.shape[1]
+    confident, _ = region_masks(y, ignore_index)
+    logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
+    per_pixel = -logp.sum(1) / c
+    scale = float(c) if normalization == "reference" else 1.0
+    return (per_pixel * _region_weight(confident, scale, logp.dtype)).sum()
+
+
+def entropy_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = 255,
+    normalization: Normalization = "reference",
+) -> torch.Tensor:
+    """Region-adaptive sharpening: entropy on the ignored region.
+
+    ``Σ_{i∈Ī} Σ_c −p_c log p_c / (C·|Ī|)`` (``"reference"``) or ``/ |Ī|`` (``"pixel"``).
+
+    >>> import torch
+    >>> y = torch.full((1, 1, 1), 255)
+    >>> round(entropy_loss(torch.zeros(1, 4, 1, 1), y).item(), 4)
+    0.3466
+    """
+    _check_norm(normalization)
+    x, y = _check_inputs(logits, labels, ignore_index)
+    c = x.shape[1]
+    _, ignored = region_masks(y, ignore_index)
+    logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
+    per_pixel = -(logp.exp() * logp).sum(1)
+    scale = float(c) if normalization == "reference" else 1.0
+    return (per_pixel * _region_weight(ignored, scale, logp.dtype)).sum()
+
+
+def _region_mask(labels: torch.Tensor, region: str, ignore_index: int) -> torch.Tensor:
+    confident, ignored = region_masks(labels, ignore_index)
+    if region == "ignored":
+        return ignored
+    if region == "confident":
+        return confident
+    if region == "all":
+        return torch.ones_like(confident)
+    raise ValueError(f"region must be 'ignored', 'confident' or 'all', got {region!r}")
+
+
+def consistency_loss(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    region: Region = "ignored",
+    ignore_index: int = 255,
+    normalization: Normalization = "reference",
+) -> torch.Tensor:
+    """Soft cross-entropy from the teacher's softmax to the student, restricted to a region.
+
+    ``Σ_{i∈R} Σ_c −q_c log p_c / (C·|R|)``, ``q = softmax(teacher_logits)`` (no gradient to the
+    teacher). HIAST uses ``region="ignored"``.
+
+    Args:
+        logits: ``(N, C, H, W)`` student logits.
+        teacher_logits: ``(N, C, H, W)`` teacher logits (detached).
+        labels: ``(N, H, W)`` pseudo-labels defining the regions.
+        region: ``"ignored"``, ``"confident"`` or ``"all"``.
+
+    >>> import torch
+    >>> y = torch.full((1, 1, 1), 255)
+    >>> round(consistency_loss(torch.zeros(1, 4, 1, 1), torch.zeros(1, 4, 1, 1), y).item(), 4)
+    0.3466
+    """
+    _check_norm(normalization)
+    x, y = _check_inputs(logits, labels, ignore_index)
+    t = _check_logits("teacher_logits", teacher_logits)
+    if t.shape != x.shape:
+        raise ValueError(
+            f"teacher_logits must have the student's shape {tuple(x.shape)}, got {tuple(t.shape)}"
+        )
+    c = x.shape[1]
+    mask = _region_mask(y, region, ignore_index)
+    logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
+    q = torch.softmax(t.detach().to(logp.dtype), dim=1)
+    per_pixel = -(q * logp).sum(1)
+    scale = float(c) if normalization == "reference" else 1.0
+    return (per_pixel * _region_weight(mask, scale, logp.dtype)).sum()
+
+
+class _FusedHIAST(torch.autograd.Function):
+    """Weighted sum of the four HIAST terms, one image at a time, recomputing in backward.
+
+    Per pixel with ``s = log p``: CE ``−s_y`` (grad ``p − onehot_y``), smoothing ``−mean_c s_c``
+    (grad ``p − 1/C``), entropy ``H = −Σ p s`` (grad ``−p (s + H)``), soft CE ``−Σ q s``
+    (grad ``p − q``); each scaled by its per-pixel weight.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        logits: torch.Tensor,
+        teacher: torch.Tensor | None,
+        target: torch.Tensor,
+        w_ce: torch.Tensor,
+        w_sm: torch.Tensor,
+        w_ent: torch.Tensor,
+        w_cst: torch.Tensor,
+    ) -> torch.Tensor:
+        dtype = _compute_dtype(logits)
+        terms = logits.new_zeros(4, dtype=dtype)
+        c = logits.shape[1]
+        for i in range(logits.shape[0]):
+            s = torch.log_softmax(logits[i].to(dtype), dim=0)
+            terms[0] -= (s.gather(0, target[i][None])[0] * w_ce[i]).sum()
+            terms[1] -= (s.sum(0) * (w_sm[i] / c)).sum()
+            terms[2] -= ((s.exp() * s).sum(0) * w_ent[i]).sum()
+            if teacher is not None:
+                q = torch.softmax(teacher[i].to(dtype), dim=0)
+                terms[3] -= ((q * s).sum(0) * w_cst[i]).sum()
+        ctx.save_for_backward(logits, teacher, target, w_ce, w_sm, w_ent, w_cst)
+        return terms
+
+    @staticmethod
+    def backward(ctx, grad_terms: torch.Tensor):  # type: ignore[override]
+        logits, teacher, target, w_ce, w_sm, w_ent, w_cst = ctx.saved_tensors
+        dtype = _compute_dtype(logits)
+        g_ce, g_sm, g_ent, g_cst = grad_terms.to(dtype)
+        grad = torch.empty_like(logits)
+        c = logits.shape[1]
+        for i in range(logits.shape[0]):
+            s = torch.log_softmax(logits[i].to(dtype), dim=0)
+            p = s.exp()
+            a_ce = g_ce * w_ce[i]
+            a_sm = g_sm * w_sm[i]
+            a_ent = g_ent * w_ent[i]
+            total = a_ce + a_sm
+            entropy = -(p * s).sum(0)
+            # p·(a_ce + a_sm + a_cst) − a_ent·p·(s + H) − a_ce·onehot − a_sm/C − a_cst·q
+            g = s.add_(entropy).mul_(p).mul_(-a_ent)
+            if teacher is not None:
+                a_cst = g_cst * w_cst[i]
+                total = total + a_cst
+                g.sub_(torch.softmax(teacher[i].to(dtype), dim=0).mul_(a_cst))
+            g.add_(p.mul_(total)).sub_(a_sm / c)
+            g.scatter_add_(0, target[i][None], -a_ce[None])
+            grad[i] = g.to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+class HIASTLossOutput(NamedTuple):
+    """Total HIAST loss and its weighted-before-summing terms (each unweighted, scalar float32)."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    smoothing: torch.Tensor
+    entropy: torch.Tensor
+    consistency: torch.Tensor
+
+
+def hiast_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    ce_weight: float = 1.0,
+    smoothing_weight: float = 0.1,
+    entropy_weight: float = 1.0,
+    consistency_weight: float = 0.5,
+    consistency_region: Region = "ignored",
+    ignore_index: int = 255,
+    normalization: Normalization = "reference",
+) -> HIASTLossOutput:
+    """The HIAST self-training objective, fused (SPEC §4–5, HIAST Eq. 9).
+
+    ``L = w_ce·CE_I + w_sm·R_c + w_ent·R_i + w_cst·R_cst`` with the published weights
+    (1, 0.1, 1.0, 0.5). The terms equal :func:`pseudo_label_ce`, :func:`smoothing_loss`,
+    :func:`entropy_loss` and :func:`consistency_loss`; the fused form computes them from one
+    log-softmax per image and recomputes it in backward rather than keeping ``(N, C, H, W)``
+    activations alive, so forward + backward peaks at the gradient plus a few per-image buffers.
+
+    Args:
+        logits: ``(N, C, H, W)`` student logits on the strong view (float32/16, bfloat16).
+        labels: ``(N, H, W)`` int pseudo-labels (after hard-aware copy-paste), ``ignore_index``
+            where there is none.
+        teacher_logits: ``(N, C, H, W)`` EMA-teacher logits on the weak view, or ``None`` to drop
+            the consistency term.
+
+    Returns:
+        :class:`HIASTLossOutput`; ``total`` carries the gradient.
+
+    >>> import torch
+    >>> x = torch.randn(2, 5, 4, 4, requires_grad=True)
+    >>> y = torch.randint(0, 5, (2, 4, 4)); y[:, :2] = 255
+    >>> out = hiast_loss(x, y, torch.randn(2, 5, 4, 4))
+    >>> out.total.backward(); x.grad.shape
+    torch.Size([2, 5, 4, 4])
+    """
+    _check_norm(normalization)
+    x, y = _check_inputs(logits, labels, ignore_index)
+    c = x.shape[1]
+    teacher = None
+    if teacher_logits is not None and consistency_weight != 0.0:
+        teacher = _check_logits("teacher_logits", teacher_logits)
+        if teacher.shape != x.shape:
+            raise ValueError(
+                f"teacher_logits must have the student's shape {tuple(x.shape)}, "
+                f"got {tuple(teacher.shape)}"
+            )
+        teacher = teacher.detach()
+    confident, ignored = region_masks(y, ignore_index)
+    scale = float(c) if normalization == "reference" else 1.0
+    dtype = _compute_dtype(x)
+    w_ce = _region_weight(confident, 1.0, dtype)
+    w_sm = _region_weight(confident, scale, dtype)
+    w_ent = _region_weight(ignored, scale, dtype)
+    w_cst = _region_weight(_region_mask(y, consistency_region, ignore_index), scale, dtype)
+    target = torch.where(confident, y, 0).long()
+    terms = _FusedHIAST.apply(x, teacher, target, w_ce, w_sm, w_ent, w_cst)
+    weights = terms.new_tensor([ce_weight, smoothing_weight, entropy_weight, consistency_weight])
+    if teacher is None:
+        weights[3] = 0.0
+    total = (terms * weights).sum()
+    return HIASTLossOutput(total, terms[0], terms[1], terms[2], terms[3])
+
+
+class HIASTLoss(nn.Module):
+    """Module form of :func:`hiast_loss`, holding the weights and options.
+
+    Args:
+        ce_weight, smoothing_weight, entropy_weight, consistency_weight: term weights
+            (published: 1.0, 0.1, 1.0, 0.5; IAST used entropy 3.0 and no consistency).
+        consistency_region: ``"ignored"`` (HIAST), ``"confident"`` or ``"all"``.
+        ignore_index: pseudo-label of unselected pixels.
+        normalization: ``"reference"`` (÷ C·|R|, default) or ``"pixel"`` (÷ |R|).
+
+    >>> import torch
+    >>> loss = HIASTLoss()
+    >>> out = loss(torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), 255), torch.randn(1, 3, 4, 4))
+    >>> out.ce.item()
+    0.0
+    """
+
+    def __init__(
+        self,
+        *,
+        ce_weight: float = 1.0,
+        smoothing_weight: float = 0.1,
+        entropy_weight: float = 1.0,
+        consistency_weight: float = 0.5,
+        consistency_region: Region = "ignored",
+        ignore_index: int = 255,
+        normalization: Normalization = "reference",
+    ) -> None:
+        super().__init__()
+        _check_norm(normalization)
+        if consistency_region not in ("ignored", "confident", "all"):
+            raise ValueError(
+                f"consistency_region must be 'ignored', 'confident' or 'all', got {consistency_region!r}"
+            )
+        self.ce_weight = float(ce_weight)
+        self.smoothing_weight = float(smoothing_weight)
+        self.entropy_weight = float(entropy_weight)
+        self.consistency_weight = float(consistency_weight)
+        self.consistency_region: Region = consistency_region
+        self.ignore_index = int(ignore_index)
+        self.normalization: Normalization = normalization
+
+    def extra_repr(self) -> str:
+        return (
+            f"ce={self.ce_weight}, smoothing={self.smoothing_weight}, entropy={self.entropy_weight}, "
+            f"consistency={self.consistency_weight} ({self.consistency_region}), "
+            f"normalization={self.normalization!r}"
+        )
+
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None
+    ) -> HIASTLossOutput:
+        return hiast_loss(
+            logits,
+            labels,
+            teacher_logits,
+            ce_weight=self.ce_weight,
+            smoothing_weight=self.smoothing_weight,
+            entropy_weight=self.entropy_weight,
+            consistency_weight=self.consistency_weight,
+            consistency_region=self.consistency_region,
+            ignore_index=self.ignore_index,
+            normalization=self.normalization,
+        )

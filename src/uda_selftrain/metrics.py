@@ -1,0 +1,221 @@
+"""Confusion matrix, IoU, mIoU and the named class protocols of the UDA-segmentation papers.
+
+The confusion matrix is one ``bincount`` on the input's device; :class:`ConfusionMatrix`
+accumulates it and all-reduces across ranks when asked for the scores (torchvision-references
+style). Protocols (SPEC §6):
+
+* ``"cityscapes19"`` — mean over the 19 classes.
+* ``"synthia16"`` / ``"synthia13"`` — the papers' rescaled form: the 19-class IoU vector with the
+  three classes SYNTHIA lacks (terrain 9, truck 14, train 16) counted as 0, mean × 19/16; for 13,
+  also wall 3, fence 4, pole 5 zeroed, × 19/13. This equals the mean over the 16 (13) classes.
+* ``"synthia16_strict"`` / ``"synthia13_strict"`` — ground-truth pixels of the excluded classes are
+  ignored before scoring (their confusion rows dropped), so a prediction is only judged on pixels of
+  kept classes (a kept-class pixel predicted as an excluded class is still a miss); mean over the
+  kept classes.
+* ``"oxford9"`` — the 9 classes of Cityscapes→Oxford RobotCar (use on 9-class predictions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._checks import check_positive_int, check_tensor
+from .distributed import all_reduce_sum
+
+__all__ = [
+    "PROTOCOLS",
+    "ConfusionMatrix",
+    "Protocol",
+    "confusion_matrix",
+    "iou_from_confusion",
+    "miou",
+    "pixel_accuracy",
+    "protocol_scores",
+]
+
+SYNTHIA_ABSENT = (9, 14, 16)
+SYNTHIA13_ALSO_ABSENT = (3, 4, 5)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A scoring protocol: which classes the mean runs over and whether excluded GT is ignored.
+
+    Attributes:
+        num_classes: size of the confusion matrix it applies to.
+        classes: the classes averaged over.
+        strict: ignore ground-truth pixels of the classes outside ``classes`` before scoring.
+    """
+
+    name: str
+    num_classes: int
+    classes: tuple[int, ...]
+    strict: bool = False
+
+
+def _kept(excluded: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(c for c in range(19) if c not in excluded)
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "cityscapes19": Protocol("cityscapes19", 19, tuple(range(19))),
+    "synthia16": Protocol("synthia16", 19, _kept(SYNTHIA_ABSENT)),
+    "synthia13": Protocol("synthia13", 19, _kept(SYNTHIA_ABSENT + SYNTHIA13_ALSO_ABSENT)),
+    "synthia16_strict": Protocol("synthia16_strict", 19, _kept(SYNTHIA_ABSENT), strict=True),
+    "synthia13_strict": Protocol(
+        "synthia13_strict", 19, _kept(SYNTHIA_ABSENT + SYNTHIA13_ALSO_ABSENT), strict=True
+    ),
+    "oxford9": Protocol("oxford9", 9, tuple(range(9))),
+}
+
+
+def confusion_matrix(
+    prediction: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore_index: int = 255
+) -> torch.Tensor:
+    """``(C, C)`` int64 confusion matrix, rows = ground truth, columns = prediction.
+
+    Pixels whose target is ``ignore_index`` (or outside ``[0, C)``) are skipped; a prediction
+    outside ``[0, C)`` is an error.
+
+    Args:
+        prediction: integer tensor of any shape (e.g. ``(N, H, W)``).
+        target: integer tensor of the same shape.
+
+    >>> import torch
+    >>> confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2).tolist()
+    [[1, 1], [0, 1]]
+    """
+    check_positive_int("num_classes", num_classes)
+    p = check_tensor("prediction", prediction)
+    t = check_tensor("target", target)
+    for name, x in (("prediction", p), ("target", t)):
+        if x.is_floating_point() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+    if p.shape != t.shape:
+        raise ValueError(
+            f"prediction shape {tuple(p.shape)} differs from target shape {tuple(t.shape)}"
+        )
+    t = t.reshape(-1).long()
+    p = p.reshape(-1).long()
+    valid = (t >= 0) & (t < num_classes) & (t != ignore_index)
+    c2 = num_classes * num_classes
+    index = torch.where(valid, t * num_classes + p.clamp(0, num_classes - 1), c2)
+    return torch.bincount(index, minlength=c2 + 1)[:c2].view(num_classes, num_classes)
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU ``TP / (TP + FP + FN)`` (float64); NaN for a class absent from GT and predictions.
+
+    >>> import torch
+    >>> iou_from_confusion(torch.tensor([[1, 1], [0, 1]])).tolist()
+    [0.5, 0.5]
+    """
+    cm = confusion.double()
+    tp = cm.diagonal()
+    union = cm.sum(0) + cm.sum(1) - tp
+    return tp / union  # 0/0 = NaN marks a class that never appears
+
+
+def pixel_accuracy(confusion: torch.Tensor) -> torch.Tensor:
+    """Fraction of correctly labelled (non-ignored) pixels.
+
+    >>> import torch
+    >>> pixel_accuracy(torch.tensor([[1, 1], [0, 1]])).item()
+    0.6666666666666666
+    """
+    cm = confusion.double()
+    return cm.diagonal().sum() / cm.sum().clamp(min=1)
+
+
+def miou(confusion: torch.Tensor, classes: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Mean IoU over ``classes`` (all by default), NaN classes counted as 0 like the papers' tables.
+
+    >>> import torch
+    >>> miou(torch.tensor([[1, 1], [0, 1]])).item()
+    0.5
+    """
+    iou = torch.nan_to_num(iou_from_confusion(confusion), nan=0.0)
+    if classes is not None:
+        iou = iou[list(classes)]
+    return iou.mean()
+
+
+def protocol_scores(confusion: torch.Tensor, protocol: str | Protocol) -> dict[str, object]:
+    """Scores of a confusion matrix under a named protocol (see the module docstring).
+
+    Returns a dict with ``miou`` (float), ``iou`` (per-class list over the protocol's classes),
+    ``classes`` and ``pixel_accuracy``.
+
+    >>> import torch
+    >>> cm = torch.eye(19, dtype=torch.long) * 10
+    >>> protocol_scores(cm, "synthia13")["miou"]
+    1.0
+    """
+    proto = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
+    if confusion.shape != (proto.num_classes, proto.num_classes):
+        raise ValueError(
+            f"protocol {proto.name!r} needs a {proto.num_classes}x{proto.num_classes} confusion "
+            f"matrix, got {tuple(confusion.shape)}"
+        )
+    cm = confusion
+    if proto.strict:
+        keep = torch.zeros(proto.num_classes, dtype=torch.bool, device=cm.device)
+        keep[list(proto.classes)] = True
+        cm = cm * keep[:, None]
+    iou = torch.nan_to_num(iou_from_confusion(cm), nan=0.0)[list(proto.classes)]
+    return {
+        "miou": float(iou.mean()),
+        "iou": [float(v) for v in iou],
+        "classes": list(proto.classes),
+        "pixel_accuracy": float(pixel_accuracy(cm)),
+    }
+
+
+class ConfusionMatrix(nn.Module):
+    """Accumulating confusion matrix; :meth:`compute` all-reduces it across ranks.
+
+    >>> import torch
+    >>> cm = ConfusionMatrix(2)
+    >>> cm.update(torch.tensor([[0, 1]]), torch.tensor([[0, 0]]))
+    >>> cm.compute().tolist()
+    [[1, 1], [0, 0]]
+    >>> round(cm.scores()["miou"], 3)
+    0.25
+    """
+
+    matrix: torch.Tensor
+
+    def __init__(self, num_classes: int, *, ignore_index: int = 255, sync: bool = True) -> None:
+        super().__init__()
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.ignore_index = int(ignore_index)
+        self.sync = bool(sync)
+        self.register_buffer("matrix", torch.zeros(num_classes, num_classes, dtype=torch.int64))
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    @torch.no_grad()
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch: ``prediction`` and ``target`` integer tensors of the same shape."""
+        self.matrix.add_(
+            confusion_matrix(
+                prediction.to(self.matrix.device),
+                target.to(self.matrix.device),
+                self.num_classes,
+                ignore_index=self.ignore_index,
+            )
+        )
+
+    def compute(self) -> torch.Tensor:
+        """The matrix summed over ranks (this rank's when ``sync=False`` or without a group)."""
+        return all_reduce_sum(self.matrix) if self.sync else self.matrix.clone()
+
+    def scores(self, protocol: str | Protocol | None = None) -> dict[str, object]:
+        """Scores under ``protocol`` (default: all classes of the matrix)."""
+        if protocol is None:
+            protocol = Protocol("all", self.num_classes, tuple(range(self.num_classes)))
+        return protocol_scores(self.compute(), protocol)

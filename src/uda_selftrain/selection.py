@@ -1,0 +1,526 @@
+"""Pseudo-label selectors: the Instance Adaptive Selector (IAS) of IAST/HIAST and the baselines.
+
+Every selector turns the segmentation network's scores on target images into pseudo-labels
+``(N, H, W)`` int64 with ``ignore_index`` (255) where a pixel is not selected.
+
+* :class:`InstanceAdaptiveSelector` / :func:`ias_update` and :func:`select_with_thresholds` —
+  per-class thresholds updated instance by instance (HIAST §3.2, IAST Eq. 4–6; SPEC §2).
+* :class:`ConstantThresholdSelector` / :func:`select_constant` — one threshold for every class.
+* :class:`ArgmaxSelector` / :func:`select_argmax` — no threshold.
+* :class:`CBSTSelector` — one threshold per class fitted over the whole target set, keeping the top
+  ``proportion`` of each class's confidences (Zou et al., ECCV 2018).
+
+Scores are logits by default; pass ``probabilities=True`` when they are already softmax outputs.
+Confidences are computed in float32 whatever the input dtype, so selectors work under autocast.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from ._checks import check_finite, check_float, check_positive_int, check_unit_interval
+from .distributed import all_reduce_max, all_reduce_sum, is_distributed
+from .quantiles import grouped_quantile
+
+__all__ = [
+    "ArgmaxSelector",
+    "CBSTSelector",
+    "ConstantThresholdSelector",
+    "InstanceAdaptiveSelector",
+    "Selection",
+    "cbst_thresholds",
+    "confidence_and_prediction",
+    "ias_update",
+    "select_argmax",
+    "select_constant",
+    "select_with_thresholds",
+    "selected_class_statistics",
+]
+
+Granularity = Literal["image", "batch"]
+
+
+class Selection(NamedTuple):
+    """Output of a selector.
+
+    Attributes:
+        labels: ``(N, H, W)`` int64 pseudo-labels, ``ignore_index`` where not selected.
+        confidence: ``(N, H, W)`` float32 maximum class probability of every pixel.
+        prediction: ``(N, H, W)`` int64 arg-max class of every pixel (before selection).
+        class_pixels: ``(N, C)`` int64 number of selected pixels of each class in each image
+            (the per-image statistics that hard-aware copy-paste needs for its donor pools).
+    """
+
+    labels: torch.Tensor
+    confidence: torch.Tensor
+    prediction: torch.Tensor
+    class_pixels: torch.Tensor
+
+
+def _check_scores(scores: object, num_classes: int | None = None) -> torch.Tensor:
+    s = check_float("scores", scores, ndim=4, shape_hint="(N, C, H, W)")
+    if num_classes is not None and s.shape[1] != num_classes:
+        raise ValueError(
+            f"scores must have {num_classes} classes on dim 1 (N, C, H, W), got shape {tuple(s.shape)}"
+        )
+    if s.shape[1] < 1:
+        raise ValueError(
+            f"scores must have at least one class on dim 1, got shape {tuple(s.shape)}"
+        )
+    check_finite("scores", s)
+    return s
+
+
+def confidence_and_prediction(
+    scores: torch.Tensor, *, probabilities: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence ``max_c softmax(scores)_c`` and prediction ``argmax_c`` per pixel.
+
+    Args:
+        scores: ``(N, C, H, W)`` logits, or probabilities when ``probabilities=True``. Any float dtype.
+        probabilities: the scores are already probabilities.
+
+    Returns:
+        ``confidence`` ``(N, H, W)`` float32 and ``prediction`` ``(N, H, W)`` int64.
+
+    For logits the softmax is never materialised: ``conf = exp(max − logsumexp)``.
+
+    >>> import torch
+    >>> conf, pred = confidence_and_prediction(torch.tensor([[[[0.0]], [[1.0]]]]))
+    >>> pred.tolist(), round(conf.item(), 4)
+    ([[[1]]], 0.7311)
+    """
+    s = _check_scores(scores)
+    s32 = s.float()
+    top, pred = s32.max(dim=1)
+    if probabilities:
+        return top, pred
+    conf = torch.exp(top - torch.logsumexp(s32, dim=1))
+    return conf, pred
+
+
+def select_with_thresholds(
+    confidence: torch.Tensor,
+    prediction: torch.Tensor,
+    thresholds: torch.Tensor,
+    *,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """Keep ``prediction`` where ``confidence ≥ thresholds[prediction]``, else ``ignore_index``.
+
+    Args:
+        confidence: ``(N, H, W)`` float.
+        prediction: ``(N, H, W)`` integer classes in ``[0, C)``.
+        thresholds: ``(C,)`` per-class thresholds.
+
+    Returns:
+        ``(N, H, W)`` int64 pseudo-labels.
+
+    >>> import torch
+    >>> select_with_thresholds(torch.tensor([[[0.95, 0.5]]]), torch.tensor([[[0, 1]]]),
+    ...                        torch.tensor([0.9, 0.6]))
+    tensor([[[  0, 255]]])
+    """
+    keep = confidence >= thresholds.to(confidence.dtype)[prediction]
+    return torch.where(keep, prediction.long(), ignore_index)
+
+
+def selected_class_statistics(
+    labels: torch.Tensor, confidence: torch.Tensor, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image selected-pixel counts ``(N, C)`` int64 and confidence sums ``(N, C)`` float64.
+
+    Pixels whose label is outside ``[0, C)`` (the ignore index) are not counted.
+
+    >>> import torch
+    >>> n, s = selected_class_statistics(torch.tensor([[[0, 255, 1, 1]]]),
+    ...                                  torch.tensor([[[0.9, 0.2, 0.8, 0.6]]]), 2)
+    >>> n.tolist(), [round(x, 2) for x in s[0].tolist()]
+    ([[1, 2]], [0.9, 1.4])
+    """
+    n = labels.shape[0]
+    c = num_classes
+    flat = labels.reshape(n, labels[0].numel() if n else 0)
+    valid = (flat >= 0) & (flat < c)
+    image = torch.arange(n, device=labels.device)[:, None]
+    index = torch.where(valid, image * c + flat, n * c).reshape(-1)
+    counts = torch.bincount(index, minlength=n * c + 1)[: n * c].view(n, c)
+    # float64 accumulation: the sum over millions of pixels stays order-independent to ~1e-12.
+    sums = torch.bincount(index, weights=confidence.reshape(-1).double(), minlength=n * c + 1)
+    # .double(): bincount returns int64 for an empty input even with float64 weights.
+    return counts, sums[: n * c].double().view(n, c)
+
+
+def ias_update(
+    confidence: torch.Tensor,
+    prediction: torch.Tensor,
+    thresholds: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    beta: float = 0.9,
+    gamma: float = 8.0,
+    sync: bool = True,
+) -> torch.Tensor:
+    """One Instance Adaptive Selector threshold update from one instance (HIAST Eq. 3–4; SPEC §2).
+
+    For each class ``c``: ``S_c = {θ_c} ∪ {conf(i) : pred(i) = c}``,
+    ``ψ_c = quantile(S_c, 1 − α θ_c^γ)`` (linear interpolation, exact), then
+    ``θ_c ← β θ_c + (1 − β) ψ_c``, clamped to 0.999 when it reaches 1. A class absent from the
+    instance keeps its threshold (its only sample is ``θ_c`` itself).
+
+    Args:
+        confidence: any shape, float; all pixels of the instance (e.g. ``(H, W)`` or ``(N, H, W)``).
+        prediction: same shape, integer classes in ``[0, C)``.
+        thresholds: ``(C,)`` current thresholds in ``[0, 1]``.
+        alpha: selected proportion α in ``(0, 1]``.
+        beta: threshold momentum β in ``[0, 1)``.
+        gamma: hard-class weight decay γ ``≥ 0``.
+        sync: with a process group, the instance is the union of every rank's pixels.
+
+    Returns:
+        ``(C,)`` updated thresholds (float32, same device).
+
+    >>> import torch
+    >>> conf = torch.tensor([0.99, 0.97, 0.95, 0.6])
+    >>> pred = torch.tensor([0, 0, 0, 1])
+    >>> ias_update(conf, pred, torch.full((2,), 0.9), alpha=0.5, beta=0.9, gamma=8.0)
+    tensor([0.9077, 0.8935])
+    """
+    th = thresholds.float()
+    num_classes = th.shape[0]
+    q = 1.0 - alpha * th.pow(gamma)
+    pred = prediction.reshape(-1).to(torch.int32)
+    counts = torch.bincount(pred, minlength=num_classes)[:num_classes]
+    if sync:
+        counts = all_reduce_sum(counts)
+    psi = grouped_quantile(
+        confidence.reshape(-1), pred, num_classes, q, extra=th, counts=counts, sync=sync
+    )
+    new = beta * th + (1.0 - beta) * psi
+    new = torch.where(new >= 1.0, torch.full_like(new, 0.999), new)
+    # An absent class's only sample is θ itself: keep it bit-exact rather than β·θ + (1 − β)·θ.
+    return torch.where(counts > 0, new, th)
+
+
+def select_constant(
+    scores: torch.Tensor,
+    threshold: float = 0.9,
+    *,
+    probabilities: bool = False,
+    ignore_index: int = 255,
+) -> Selection:
+    """Constant-threshold baseline: keep the arg-max where its confidence is ``≥ threshold``.
+
+    Args:
+        scores: ``(N, C, H, W)`` logits (or probabilities with ``probabilities=True``).
+        threshold: the one threshold for every class, in ``[0, 1]``.
+
+    >>> import torch
+    >>> select_constant(torch.tensor([[[[4.0, 0.0]], [[0.0, 0.0]]]])).labels
+    tensor([[[  0, 255]]])
+    """
+    check_unit_interval("threshold", threshold)
+    conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
+    labels = torch.where(conf >= threshold, pred, ignore_index)
+    counts, _ = selected_class_statistics(labels, conf, scores.shape[1])
+    return Selection(labels, conf, pred, counts)
+
+
+def select_argmax(scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
+    """No-threshold baseline: every pixel takes its arg-max class.
+
+    >>> import torch
+    >>> select_argmax(torch.tensor([[[[4.0, 0.0]], [[0.0, 1.0]]]])).labels
+    tensor([[[0, 1]]])
+    """
+    conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
+    counts, _ = selected_class_statistics(pred, conf, scores.shape[1])
+    return Selection(pred, conf, pred, counts)
+
+
+def cbst_thresholds(histogram: torch.Tensor, proportion: float = 0.2) -> torch.Tensor:
+    """CBST thresholds from per-class confidence histograms.
+
+    Args:
+        histogram: ``(C, B)`` counts of confidences in ``B`` equal bins over ``[0, 1]`` for the
+            pixels predicted as each class.
+        proportion: ``p``, the fraction of each class's pixels to keep (top confidences).
+
+    Returns:
+        ``(C,)`` thresholds: the lower edge of the bin holding the ``1 − p`` quantile, so at least
+        the top ``p`` of the class is kept and the error against the exact quantile is below
+        ``1 / B``. A class never predicted gets 1.0.
+
+    >>> import torch
+    >>> h = torch.zeros(1, 10, dtype=torch.long); h[0, 5] = 8; h[0, 9] = 2
+    >>> cbst_thresholds(h, 0.2)
+    tensor([0.9000])
+    """
+    check_unit_interval("proportion", proportion, open_low=True)
+    bins = histogram.shape[1]
+    total = histogram.sum(1)
+    # Count from the top: the first bin (from the top) where the kept count reaches p · total.
+    from_top = histogram.flip(1).cumsum(1)
+    need = (proportion * total.double()).ceil().clamp(min=1)
+    first = (from_top.double() < need[:, None]).sum(1).clamp(max=bins - 1)
+    edge = (bins - 1 - first).double() / bins
+    return torch.where(total > 0, edge, torch.ones_like(edge)).float()
+
+
+def _check_granularity(granularity: str) -> Granularity:
+    if granularity not in ("image", "batch"):
+        raise ValueError(f"granularity must be 'image' or 'batch', got {granularity!r}")
+    return granularity  # type: ignore[return-value]
+
+
+class InstanceAdaptiveSelector(nn.Module):
+    """Instance Adaptive Selector (IAS) with the class statistics hard-aware copy-paste needs.
+
+    State (registered buffers, so ``state_dict()`` checkpoints it):
+        ``thresholds`` ``(C,)`` θ, initialised to ``init_threshold``;
+        ``class_values`` ``(C,)`` v: momentum average of the mean confidence of the pixels selected
+        as each class in each instance (0 until first observed, then initialised with that value);
+        ``class_seen`` ``(C,)`` bool; ``class_pixels`` ``(C,)`` int64 total selected pixels;
+        ``num_instances`` number of updates so far.
+
+    Args:
+        num_classes: ``C``.
+        alpha: selected proportion α (0.5 in HIAST's configs, 0.2 in IAST's).
+        beta: threshold momentum β.
+        gamma: hard-class weight decay γ.
+        init_threshold: initial θ.
+        class_value_momentum: momentum of the class values (0.99).
+        granularity: ``"image"`` (default; the paper: θ updated image by image, in batch order) or
+            ``"batch"`` (the public implementation: one update per batch).
+        ignore_index: label of unselected pixels.
+        sync: with a ``torch.distributed`` process group, each update uses the union of every rank's
+            instance (per image: every rank's j-th image of the batch; per batch: the global batch),
+            so θ and v are identical on all ranks and equal one process's on that union. The
+            histograms are exact integer counts: agreement is exact.
+
+    Shapes:
+        scores ``(N, C, H, W)`` → :class:`Selection` (labels ``(N, H, W)``, confidence, prediction,
+        per-image class pixel counts ``(N, C)``).
+
+    >>> import torch
+    >>> selector = InstanceAdaptiveSelector(num_classes=3)
+    >>> out = selector(torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 5)
+    >>> out.labels.shape, selector.thresholds.shape
+    (torch.Size([2, 8, 8]), torch.Size([3]))
+    """
+
+    thresholds: torch.Tensor
+    class_values: torch.Tensor
+    class_seen: torch.Tensor
+    class_pixels: torch.Tensor
+    num_instances: torch.Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        alpha: float = 0.5,
+        beta: float = 0.9,
+        gamma: float = 8.0,
+        init_threshold: float = 0.9,
+        class_value_momentum: float = 0.99,
+        granularity: Granularity = "image",
+        ignore_index: int = 255,
+        sync: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.alpha = check_unit_interval("alpha", alpha, open_low=True)
+        self.beta = check_unit_interval("beta", beta, open_high=True)
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
+            raise ValueError(f"gamma must be a non-negative number, got {gamma!r}")
+        self.gamma = float(gamma)
+        self.init_threshold = check_unit_interval("init_threshold", init_threshold)
+        self.class_value_momentum = check_unit_interval(
+            "class_value_momentum", class_value_momentum
+        )
+        self.granularity = _check_granularity(granularity)
+        self.ignore_index = int(ignore_index)
+        self.sync = bool(sync)
+        self.register_buffer("thresholds", torch.full((num_classes,), float(init_threshold)))
+        self.register_buffer("class_values", torch.zeros(num_classes))
+        self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("class_pixels", torch.zeros(num_classes, dtype=torch.int64))
+        self.register_buffer("num_instances", torch.zeros((), dtype=torch.int64))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, alpha={self.alpha}, beta={self.beta}, "
+            f"gamma={self.gamma}, granularity={self.granularity!r}"
+        )
+
+    def reset(self) -> None:
+        """Restore the initial state (thresholds to ``init_threshold``, statistics to zero)."""
+        self.thresholds.fill_(self.init_threshold)
+        self.class_values.zero_()
+        self.class_seen.zero_()
+        self.class_pixels.zero_()
+        self.num_instances.zero_()
+
+    @torch.no_grad()
+    def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
+        """Update θ instance by instance and select pseudo-labels with the updated thresholds."""
+        _check_scores(scores, self.num_classes)
+        conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
+        sync = self.sync and is_distributed()
+        if self.granularity == "batch":
+            groups = [slice(0, conf.shape[0])]
+        else:
+            count = conf.shape[0]
+            if sync:
+                # Ranks may hold different batch sizes (the last batch); every rank must take part
+                # in every update, so the short ones contribute empty instances.
+                count = int(all_reduce_max(torch.tensor([count], device=conf.device)).item())
+            groups = [slice(i, i + 1) for i in range(count)]
+        labels = torch.empty_like(pred)
+        for group in groups:
+            c, p = conf[group], pred[group]
+            self.thresholds.copy_(
+                ias_update(
+                    c,
+                    p,
+                    self.thresholds,
+                    alpha=self.alpha,
+                    beta=self.beta,
+                    gamma=self.gamma,
+                    sync=sync,
+                )
+            )
+            lab = select_with_thresholds(c, p, self.thresholds, ignore_index=self.ignore_index)
+            labels[group] = lab
+            self._update_class_values(lab, c, sync)
+        counts, _ = selected_class_statistics(labels, conf, self.num_classes)
+        return Selection(labels, conf, pred, counts)
+
+    def _update_class_values(self, labels: torch.Tensor, conf: torch.Tensor, sync: bool) -> None:
+        counts, sums = selected_class_statistics(labels, conf, self.num_classes)
+        counts, sums = counts.sum(0), sums.sum(0)
+        if sync:
+            counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)
+        present = counts > 0
+        mean = (sums / counts.clamp(min=1)).float()
+        m = self.class_value_momentum
+        updated = torch.where(self.class_seen, m * self.class_values + (1.0 - m) * mean, mean)
+        self.class_values.copy_(torch.where(present, updated, self.class_values))
+        self.class_seen.logical_or_(present)
+        self.class_pixels.add_(counts)
+        self.num_instances.add_(1)
+
+
+class ConstantThresholdSelector(nn.Module):
+    """Module form of :func:`select_constant` (stateless apart from the threshold).
+
+    >>> import torch
+    >>> ConstantThresholdSelector(num_classes=2)(torch.zeros(1, 2, 2, 2)).labels.unique().tolist()
+    [255]
+    """
+
+    def __init__(
+        self, num_classes: int, threshold: float = 0.9, *, ignore_index: int = 255
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.threshold = check_unit_interval("threshold", threshold)
+        self.ignore_index = int(ignore_index)
+
+    @torch.no_grad()
+    def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
+        _check_scores(scores, self.num_classes)
+        return select_constant(
+            scores, self.threshold, probabilities=probabilities, ignore_index=self.ignore_index
+        )
+
+
+class ArgmaxSelector(nn.Module):
+    """Module form of :func:`select_argmax`.
+
+    >>> import torch
+    >>> ArgmaxSelector(num_classes=2)(torch.tensor([[[[0.0]], [[1.0]]]])).labels.tolist()
+    [[[1]]]
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = check_positive_int("num_classes", num_classes)
+
+    @torch.no_grad()
+    def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
+        _check_scores(scores, self.num_classes)
+        return select_argmax(scores, probabilities=probabilities)
+
+
+class CBSTSelector(nn.Module):
+    """Class-balanced self-training thresholds (CBST): one threshold per class over the target set.
+
+    Usage is two passes: :meth:`observe` every target image (accumulates per-class confidence
+    histograms of ``bins`` equal bins; all-reduced at :meth:`fit` under a process group), then
+    :meth:`fit`, then call the module to select. The threshold keeps the top ``proportion`` of each
+    class's confidences, to within ``1 / bins``.
+
+    >>> import torch
+    >>> sel = CBSTSelector(num_classes=2)
+    >>> x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    >>> sel.observe(x); _ = sel.fit(); sel(x).labels.shape
+    torch.Size([1, 4, 4])
+    """
+
+    histogram: torch.Tensor
+    thresholds: torch.Tensor
+    fitted: torch.Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        proportion: float = 0.2,
+        *,
+        bins: int = 65536,
+        ignore_index: int = 255,
+        sync: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.proportion = check_unit_interval("proportion", proportion, open_low=True)
+        self.bins = check_positive_int("bins", bins)
+        self.ignore_index = int(ignore_index)
+        self.sync = bool(sync)
+        self.register_buffer("histogram", torch.zeros(num_classes, bins, dtype=torch.int64))
+        self.register_buffer("thresholds", torch.ones(num_classes))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def observe(self, scores: torch.Tensor, *, probabilities: bool = False) -> None:
+        """Accumulate the confidences of ``scores`` ``(N, C, H, W)`` into the class histograms."""
+        _check_scores(scores, self.num_classes)
+        conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
+        b = (conf * self.bins).long().clamp_(0, self.bins - 1)
+        index = (pred * self.bins + b).reshape(-1)
+        size = self.num_classes * self.bins
+        self.histogram.add_(torch.bincount(index, minlength=size).view(self.num_classes, self.bins))
+
+    @torch.no_grad()
+    def fit(self) -> torch.Tensor:
+        """Compute the thresholds from everything observed (on every rank's data); returns them."""
+        hist = all_reduce_sum(self.histogram) if self.sync else self.histogram
+        self.thresholds.copy_(cbst_thresholds(hist, self.proportion))
+        self.fitted.fill_(True)
+        return self.thresholds.clone()
+
+    @torch.no_grad()
+    def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
+        _check_scores(scores, self.num_classes)
+        if not bool(self.fitted):
+            raise RuntimeError(
+                "CBSTSelector: call observe() on the target set and fit() before selecting"
+            )
+        conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
+        labels = select_with_thresholds(conf, pred, self.thresholds, ignore_index=self.ignore_index)
+        counts, _ = selected_class_statistics(labels, conf, self.num_classes)
+        return Selection(labels, conf, pred, counts)
