@@ -267,3 +267,21 @@ def test_cuda_matches_cpu():
     a, b = cpu(x), gpu(x.cuda())
     torch.testing.assert_close(gpu.thresholds.cpu(), cpu.thresholds, atol=1e-6, rtol=0)
     assert (a.labels == b.labels.cpu()).float().mean() > 0.999
+
+
+def test_select_from_confidence_matches_forward_and_validates():
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 4, 6, 6, generator=gen) * 3
+    a, b = InstanceAdaptiveSelector(4), InstanceAdaptiveSelector(4)
+    conf, pred = confidence_and_prediction(x)
+    assert torch.equal(a(x).labels, b.select_from_confidence(conf, pred).labels)
+    with pytest.raises(ValueError, match="prediction values"):
+        b.select_from_confidence(conf, torch.full_like(pred, 4))
+    with pytest.raises(ValueError, match="shape"):
+        b.select_from_confidence(conf, pred[:1])
+    with pytest.raises(TypeError, match="integer"):
+        b.select_from_confidence(conf, pred.float())
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        b.select_from_confidence(torch.full_like(conf, float("nan")), pred)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        b(torch.full((1, 4, 2, 2), 2.0), probabilities=True)  # probabilities above 1

@@ -26,28 +26,27 @@ _LOW_MASK = _BINS - 1
 
 def _keys(values: torch.Tensor) -> torch.Tensor:
     v = values.to(torch.float32)
-    # -0.0 has the sign bit set; clamping maps it (and rounding noise below 0) to +0.0.
-    if v.numel() and not v.is_contiguous():
+    if not v.is_contiguous():
         v = v.contiguous()
-    return v.clamp(0.0, 1.0).view(torch.int32)
+    return v.view(torch.int32)
 
 
-def _histogram(
-    index: torch.Tensor, rows: int, extra: torch.Tensor | None, sync: bool
-) -> torch.Tensor:
-    size = rows * _BINS
-    counts = torch.bincount(index, minlength=size + 1)[:size]
+def _counts(index: torch.Tensor, size: int, extra: torch.Tensor | None, sync: bool) -> torch.Tensor:
+    """``bincount`` of ``index`` into ``size`` bins (indices ``≥ size`` dropped), rank-summed."""
+    counts = torch.bincount(index, minlength=size)[:size]
     if sync:
         counts = all_reduce_sum(counts)
     if extra is not None:
         # Added after the reduction: the extra samples are shared state, counted once, not per rank.
-        counts = counts + torch.bincount(extra, minlength=size + 1)[:size]
-    return counts.view(rows, _BINS)
+        counts = counts + torch.bincount(extra, minlength=size)[:size]
+    return counts
 
 
-def _locate(counts: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bin of each row holding its ``rank``-th (0-based) element, and the rank inside that bin."""
-    cum = counts.cumsum(1)
+def _locate(cum: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bin of each row holding its ``rank``-th (0-based) element, and the rank inside that bin.
+
+    ``cum`` is the row-wise cumulative histogram.
+    """
     bins = (cum <= rank[:, None]).sum(1).clamp_(max=_BINS - 1)
     prev = cum.gather(1, (bins - 1).clamp(min=0)[:, None])[:, 0]
     return bins, rank - torch.where(bins > 0, prev, torch.zeros_like(prev))
@@ -62,41 +61,43 @@ def _order_statistics(
     extra_keys: torch.Tensor | None,
     sync: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys of the ``rank_a``-th and ``rank_b``-th smallest element of every group (two passes)."""
-    dump = 2 * num_groups * _BINS
-    hi = keys >> _BITS
-    ar = torch.arange(num_groups, device=keys.device, dtype=torch.int32)
-    extra_hi = extra_keys >> _BITS if extra_keys is not None else None
+    """Keys of the ``rank_a``-th and ``rank_b``-th smallest element of every group.
 
-    index = groups * _BINS + hi
+    Two ``bincount`` passes. The code keeps the number of full-size temporaries small and works
+    in place where it can: on a CPU this kernel is bound by memory bandwidth.
+    """
+    size = num_groups * _BINS
+    ar = torch.arange(num_groups, device=keys.device, dtype=torch.int32)
+
+    # Level 1: coarse bin = the upper 15 bits. Out-of-range values land in the edge bins.
+    hi = (keys >> _BITS).clamp_(0, _BINS - 1)
+    index = groups * _BINS
+    index.add_(hi)
+    extra_hi = extra_keys >> _BITS if extra_keys is not None else None
     extra_index = ar * _BINS + extra_hi if extra_hi is not None else None
-    coarse = _histogram(index, num_groups, extra_index, sync)
+    coarse = _counts(index, size, extra_index, sync).view(num_groups, _BINS).cumsum(1)
     bin_a, inner_a = _locate(coarse, rank_a)
     bin_b, inner_b = _locate(coarse, rank_b)
-
-    # One pass fills two fine histograms: slot 0 for elements in bin_a, slot 1 for those in bin_b
-    # when it differs (when it is the same bin, slot 0 already holds rank_b's element).
-    bin_a32 = bin_a.to(torch.int32)
-    bin_b32 = torch.where(bin_b == bin_a, -1, bin_b).to(torch.int32)
-    low = keys & _LOW_MASK
-    base = groups * _BINS + low
-    index = torch.where(
-        hi == bin_a32[groups],
-        base,
-        torch.where(hi == bin_b32[groups], base + num_groups * _BINS, dump),
-    )
-    if extra_keys is not None:
-        extra_base = ar * _BINS + (extra_keys & _LOW_MASK)
-        extra_index = torch.where(
-            extra_hi == bin_a32,
-            extra_base,
-            torch.where(extra_hi == bin_b32, extra_base + num_groups * _BINS, dump),
-        )
-    fine = _histogram(index, 2 * num_groups, extra_index, sync)
-    fine_a, _ = _locate(fine[:num_groups], inner_a)
     same = bin_b == bin_a
-    fine_b_same, _ = _locate(fine[:num_groups], inner_b)
-    fine_b_other, _ = _locate(fine[num_groups:], inner_b)
+
+    # Level 2, one pass: fine histograms of the elements of bin_a (slot a) and, when it differs,
+    # of bin_b (slot b). Layout: bin 0 collects every other element; slot a starts at 1, slot b
+    # at 1 + size. A lookup table over the level-1 index gives each element its slot offset.
+    table = torch.zeros(size, dtype=torch.int32, device=keys.device)
+    table[ar * _BINS + bin_a.to(torch.int32)] = 1
+    table[(ar * _BINS + bin_b.to(torch.int32))[~same]] = 1 + size
+    offset = table.index_select(0, index)  # int32 indices: no widening copy
+    dump = offset == 0
+    index.sub_(hi).add_(keys & _LOW_MASK).add_(offset).masked_fill_(dump, 0)
+    if extra_keys is not None:
+        extra_offset = table.index_select(0, extra_index)
+        extra_index = torch.where(
+            extra_offset == 0, 0, ar * _BINS + (extra_keys & _LOW_MASK) + extra_offset
+        )
+    fine = _counts(index, 1 + 2 * size, extra_index, sync)[1:].view(2, num_groups, _BINS).cumsum(2)
+    fine_a, _ = _locate(fine[0], inner_a)
+    fine_b_same, _ = _locate(fine[0], inner_b)
+    fine_b_other, _ = _locate(fine[1], inner_b)
     fine_b = torch.where(same, fine_b_same, fine_b_other)
     return (bin_a << _BITS) | fine_a, (bin_b << _BITS) | fine_b
 

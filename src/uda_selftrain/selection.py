@@ -21,7 +21,13 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_float, check_positive_int, check_unit_interval
+from ._checks import (
+    check_float,
+    check_positive_int,
+    check_tensor,
+    check_unit_interval,
+    value_checks_enabled,
+)
 from .distributed import all_reduce_max, all_reduce_sum, is_distributed
 from .quantiles import grouped_quantile
 
@@ -70,8 +76,17 @@ def _check_scores(scores: object, num_classes: int | None = None) -> torch.Tenso
         raise ValueError(
             f"scores must have at least one class on dim 1, got shape {tuple(s.shape)}"
         )
-    check_finite("scores", s)
     return s
+
+
+def _check_confidence(conf: torch.Tensor) -> None:
+    # NaN/Inf anywhere in a pixel's scores makes its confidence NaN (or > 1), so checking the
+    # (N, H, W) confidences is as strict as checking the (N, C, H, W) scores and C times cheaper.
+    if value_checks_enabled() and conf.numel() and not bool(((conf >= 0) & (conf <= 1)).all()):
+        raise ValueError(
+            "scores contain NaN or Inf values (or probabilities outside [0, 1]): "
+            "the confidence of some pixel is not a probability"
+        )
 
 
 def confidence_and_prediction(
@@ -96,9 +111,8 @@ def confidence_and_prediction(
     s = _check_scores(scores)
     s32 = s.float()
     top, pred = s32.max(dim=1)
-    if probabilities:
-        return top, pred
-    conf = torch.exp(top - torch.logsumexp(s32, dim=1))
+    conf = top if probabilities else torch.exp(top - torch.logsumexp(s32, dim=1))
+    _check_confidence(conf)
     return conf, pred
 
 
@@ -124,7 +138,8 @@ def select_with_thresholds(
     ...                        torch.tensor([0.9, 0.6]))
     tensor([[[  0, 255]]])
     """
-    keep = confidence >= thresholds.to(confidence.dtype)[prediction]
+    per_pixel = thresholds.to(confidence.dtype).index_select(0, prediction.reshape(-1))
+    keep = confidence >= per_pixel.view_as(confidence)
     return torch.where(keep, prediction.long(), ignore_index)
 
 
@@ -143,11 +158,15 @@ def selected_class_statistics(
     """
     n = labels.shape[0]
     c = num_classes
-    flat = labels.reshape(n, labels[0].numel() if n else 0)
-    valid = (flat >= 0) & (flat < c)
-    image = torch.arange(n, device=labels.device)[:, None]
-    index = torch.where(valid, image * c + flat, n * c).reshape(-1)
-    counts = torch.bincount(index, minlength=n * c + 1)[: n * c].view(n, c)
+    flat = labels.reshape(n, labels[0].numel() if n else 0).to(torch.int32)
+    dump = n * c
+    # Unselected pixels (and any label outside [0, C)) go to one extra bin that is dropped.
+    flat = torch.where((flat >= 0) & (flat < c), flat, dump)
+    flat.add_(torch.arange(n, device=labels.device, dtype=torch.int32)[:, None] * c).clamp_(
+        max=dump
+    )
+    index = flat.reshape(-1)
+    counts = torch.bincount(index, minlength=dump + 1)[:dump].view(n, c)
     # float64 accumulation: the sum over millions of pixels stays order-independent to ~1e-12.
     sums = torch.bincount(index, weights=confidence.reshape(-1).double(), minlength=n * c + 1)
     # .double(): bincount returns int64 for an empty input even with float64 weights.
@@ -367,9 +386,43 @@ class InstanceAdaptiveSelector(nn.Module):
 
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
-        """Update θ instance by instance and select pseudo-labels with the updated thresholds."""
+        """Update θ instance by instance and select pseudo-labels with the updated thresholds.
+
+        Args:
+            scores: ``(N, C, H, W)`` logits, or probabilities with ``probabilities=True``.
+        """
         _check_scores(scores, self.num_classes)
         conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
+        return self.select_from_confidence(conf, pred)
+
+    @torch.no_grad()
+    def select_from_confidence(
+        self, confidence: torch.Tensor, prediction: torch.Tensor
+    ) -> Selection:
+        """Same as calling the module, from per-pixel confidence and prediction.
+
+        Useful when the caller already reduced the scores (e.g. averaged over flips or scales).
+
+        Args:
+            confidence: ``(N, H, W)`` float in ``[0, 1]``.
+            prediction: ``(N, H, W)`` integer classes in ``[0, C)``.
+        """
+        conf = check_float("confidence", confidence, ndim=3, shape_hint="(N, H, W)").float()
+        pred = check_tensor("prediction", prediction)
+        if pred.is_floating_point() or pred.dtype == torch.bool:
+            raise TypeError(f"prediction must be an integer tensor, got dtype {pred.dtype}")
+        if pred.shape != conf.shape:
+            raise ValueError(
+                f"prediction must have the confidence's shape {tuple(conf.shape)}, got {tuple(pred.shape)}"
+            )
+        _check_confidence(conf)
+        if value_checks_enabled() and pred.numel():
+            lo, hi = int(pred.min()), int(pred.max())
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(
+                    f"prediction values must lie in [0, {self.num_classes}), got [{lo}, {hi}]"
+                )
+        pred = pred.long()
         sync = self.sync and is_distributed()
         if self.granularity == "batch":
             groups = [slice(0, conf.shape[0])]
@@ -381,6 +434,7 @@ class InstanceAdaptiveSelector(nn.Module):
                 count = int(all_reduce_max(torch.tensor([count], device=conf.device)).item())
             groups = [slice(i, i + 1) for i in range(count)]
         labels = torch.empty_like(pred)
+        counts = torch.zeros(pred.shape[0], self.num_classes, dtype=torch.int64, device=pred.device)
         for group in groups:
             c, p = conf[group], pred[group]
             self.thresholds.copy_(
@@ -396,13 +450,12 @@ class InstanceAdaptiveSelector(nn.Module):
             )
             lab = select_with_thresholds(c, p, self.thresholds, ignore_index=self.ignore_index)
             labels[group] = lab
-            self._update_class_values(lab, c, sync)
-        counts, _ = selected_class_statistics(labels, conf, self.num_classes)
+            group_counts, group_sums = selected_class_statistics(lab, c, self.num_classes)
+            counts[group] = group_counts
+            self._update_class_values(group_counts.sum(0), group_sums.sum(0), sync)
         return Selection(labels, conf, pred, counts)
 
-    def _update_class_values(self, labels: torch.Tensor, conf: torch.Tensor, sync: bool) -> None:
-        counts, sums = selected_class_statistics(labels, conf, self.num_classes)
-        counts, sums = counts.sum(0), sums.sum(0)
+    def _update_class_values(self, counts: torch.Tensor, sums: torch.Tensor, sync: bool) -> None:
         if sync:
             counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)
         present = counts > 0
