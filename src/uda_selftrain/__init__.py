@@ -29,6 +29,7 @@ from .metrics import (
     pixel_accuracy,
     protocol_scores,
 )
+from .mixing import ClassDifficulty, class_difficulty, sampling_probabilities
 from .quantiles import grouped_quantile
 from .selection import (
     ArgmaxSelector,
@@ -52,6 +53,7 @@ __all__ = [
     "PROTOCOLS",
     "ArgmaxSelector",
     "CBSTSelector",
+    "ClassDifficulty",
     "ConfusionMatrix",
     "ConstantThresholdSelector",
     "EMATeacher",
@@ -61,6 +63,7 @@ __all__ = [
     "Selection",
     "__version__",
     "cbst_thresholds",
+    "class_difficulty",
     "confidence_and_prediction",
     "confusion_matrix",
     "consistency_loss",
@@ -73,6 +76,7 @@ __all__ = [
     "pixel_accuracy",
     "protocol_scores",
     "pseudo_label_ce",
+    "sampling_probabilities",
     "region_masks",
     "select_argmax",
     "select_constant",
