@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -13,6 +14,19 @@ import time
 from collections.abc import Callable
 
 import torch
+
+
+def base_parser(doc: str | None, default_size: list[int]) -> argparse.ArgumentParser:
+    """The options every benchmark takes: input ``--size``, ``--device`` and ``--repeat``."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--size", type=int, nargs=4, default=default_size, metavar=("N", "C", "H", "W")
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeat", type=int, default=3)
+    return parser
 
 
 def sync(device: torch.device) -> None:

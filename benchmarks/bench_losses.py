@@ -19,7 +19,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _common import child_peak_memory, current_rss_mib, machine, peak_rss_mib, timeit
+from _common import base_parser, child_peak_memory, current_rss_mib, machine, peak_rss_mib, timeit
 
 from uda_selftrain import hiast_loss, set_value_checks
 
@@ -83,14 +83,7 @@ def measure_memory(which: str, size, device) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--size", type=int, nargs=4, default=[6, 19, 512, 1024], metavar=("N", "C", "H", "W")
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser = base_parser(__doc__, [6, 19, 512, 1024])
     parser.add_argument("--measure-memory", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -101,10 +94,12 @@ def main() -> None:
     # Memory first, in fresh processes: a child inherits its parent's peak-RSS high-water mark,
     # so the children must start before this process has grown.
     extra = ["--size", *map(str, args.size), "--device", args.device]
-    m_ours = child_peak_memory(sys.argv[0], ["ours", *extra])["peak_mib"]
-    m_ref = child_peak_memory(sys.argv[0], ["reference", *extra])["peak_mib"]
+    r_ours = child_peak_memory(sys.argv[0], ["ours", *extra])
+    r_ref = child_peak_memory(sys.argv[0], ["reference", *extra])
+    m_ours, m_ref = r_ours["peak_mib"], r_ref["peak_mib"]
+    bound = " (upper bound)" if "upper_bound" in r_ours else ""
     print(
-        f"peak memory above inputs  ours {m_ours:8.0f} MiB   reference {m_ref:8.0f} MiB   "
+        f"peak memory above inputs  ours {m_ours:8.0f} MiB{bound}   reference {m_ref:8.0f} MiB   "
         f"ours/reference {m_ours / m_ref:5.2f}"
     )
 

@@ -15,11 +15,9 @@ Usage: python benchmarks/bench_selection.py [--size 2 19 768 1536] [--device cpu
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
-from _common import machine, sync, timeit
+from _common import base_parser, machine, sync, timeit
 
 from uda_selftrain import InstanceAdaptiveSelector, set_value_checks
 
@@ -58,14 +56,7 @@ def reference_update(conf_t, pred_t, cls_thresh, v, seen, alpha, beta, gamma):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--size", type=int, nargs=4, default=[2, 19, 768, 1536], metavar=("N", "C", "H", "W")
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser = base_parser(__doc__, [2, 19, 768, 1536])
     args = parser.parse_args()
     device = torch.device(args.device)
     n, c, h, w = args.size

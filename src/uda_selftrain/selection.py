@@ -393,7 +393,7 @@ class InstanceAdaptiveSelector(nn.Module):
         """
         _check_scores(scores, self.num_classes)
         conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
-        return self.select_from_confidence(conf, pred)
+        return self._select(conf, pred)  # already validated by confidence_and_prediction
 
     @torch.no_grad()
     def select_from_confidence(
@@ -422,7 +422,9 @@ class InstanceAdaptiveSelector(nn.Module):
                 raise ValueError(
                     f"prediction values must lie in [0, {self.num_classes}), got [{lo}, {hi}]"
                 )
-        pred = pred.long()
+        return self._select(conf, pred.long())
+
+    def _select(self, conf: torch.Tensor, pred: torch.Tensor) -> Selection:
         sync = self.sync and is_distributed()
         if self.granularity == "batch":
             groups = [slice(0, conf.shape[0])]
