@@ -10,6 +10,18 @@ primitives into your own training loop:
 """
 
 from ._checks import set_value_checks, value_checks
+from .augment import (
+    ColourParams,
+    CropParams,
+    Views,
+    WeakStrongViews,
+    colour_params,
+    crop_params,
+    denormalize,
+    normalize,
+    strong_colour,
+    weak_geometry,
+)
 from .losses import (
     HIASTLoss,
     HIASTLossOutput,
@@ -29,7 +41,18 @@ from .metrics import (
     pixel_accuracy,
     protocol_scores,
 )
-from .mixing import ClassDifficulty, class_difficulty, sampling_probabilities
+from .mixing import (
+    ClassDifficulty,
+    ClassStatistics,
+    DonorDraw,
+    DonorSampler,
+    HardAwarePaste,
+    PasteResult,
+    class_difficulty,
+    hard_paste,
+    paste_views,
+    sampling_probabilities,
+)
 from .quantiles import grouped_quantile
 from .selection import (
     ArgmaxSelector,
@@ -54,25 +77,40 @@ __all__ = [
     "ArgmaxSelector",
     "CBSTSelector",
     "ClassDifficulty",
+    "ClassStatistics",
+    "ColourParams",
     "ConfusionMatrix",
     "ConstantThresholdSelector",
+    "CropParams",
+    "DonorDraw",
+    "DonorSampler",
     "EMATeacher",
     "HIASTLoss",
     "HIASTLossOutput",
+    "HardAwarePaste",
     "InstanceAdaptiveSelector",
+    "PasteResult",
     "Selection",
+    "Views",
+    "WeakStrongViews",
     "__version__",
     "cbst_thresholds",
     "class_difficulty",
+    "colour_params",
     "confidence_and_prediction",
     "confusion_matrix",
     "consistency_loss",
+    "crop_params",
+    "denormalize",
     "entropy_loss",
     "grouped_quantile",
+    "hard_paste",
     "hiast_loss",
     "ias_update",
     "iou_from_confusion",
     "miou",
+    "normalize",
+    "paste_views",
     "pixel_accuracy",
     "protocol_scores",
     "pseudo_label_ce",
@@ -84,6 +122,8 @@ __all__ = [
     "selected_class_statistics",
     "set_value_checks",
     "smoothing_loss",
+    "strong_colour",
     "unwrap_model",
     "value_checks",
+    "weak_geometry",
 ]

@@ -1,0 +1,538 @@
+"""Weak and strong views for self-training, batched on the input's device (SPEC §1.4).
+
+- **Weak view**: horizontal flip (p 0.5) and a random-sized crop (height uniform in
+  ``[341/1024, 1000/1024]`` of the image height, width = 2 × height, clipped to the image), resized
+  to the output size. The same geometry is applied to the image (bilinear), the pseudo-label and any
+  per-pixel mask (nearest), in one ``grid_sample`` for the whole batch.
+- **Strong view**: the weak view followed by 3 colour operations drawn uniformly without replacement
+  from 8 (colour jitter, Gaussian blur, contrast, brightness, posterize, equalize, solarize,
+  grayscale), each applied with probability 0.5, in the drawn order. The teacher sees the weak view,
+  the student the strong one; their geometry is identical.
+
+Every random choice is drawn on the CPU from a ``torch.Generator`` (so the same seed gives the same
+views on any device) and the image work runs batched on the images' device: per operation, one call
+on the subset of samples that drew it. Images are float in ``[0, 1]`` (or uint8) until the end,
+where :func:`normalize` applies the ImageNet mean and std; :func:`denormalize` inverts it for
+visualisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_positive_int, check_tensor, check_unit_interval
+
+__all__ = [
+    "COLOUR_OPS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ColourParams",
+    "CropParams",
+    "Views",
+    "WeakStrongViews",
+    "colour_params",
+    "crop_params",
+    "denormalize",
+    "jitter_matrices",
+    "normalize",
+    "strong_colour",
+    "weak_geometry",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: The strong view's colour operations, in the index order used by :class:`ColourParams`.
+COLOUR_OPS = (
+    "colour_jitter",
+    "gaussian_blur",
+    "contrast",
+    "brightness",
+    "posterize",
+    "equalize",
+    "solarize",
+    "grayscale",
+)
+
+
+def _as_unit_float(name: str, images: object) -> torch.Tensor:
+    x = check_tensor(name, images)
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (N, 3, H, W), got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be uint8 or floating point in [0, 1], got {x.dtype}")
+    return x
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """``(x − mean) / std`` with the ImageNet statistics, ``(N, 3, H, W)`` in ``[0, 1]`` (or uint8).
+
+    >>> import torch
+    >>> x = torch.rand(2, 3, 4, 4)
+    >>> torch.allclose(denormalize(normalize(x)), x, atol=1e-6)
+    True
+    """
+    x = _as_unit_float("images", images)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _normalize_(x: torch.Tensor) -> torch.Tensor:
+    # In place on a tensor this module owns: avoids a fresh (N, 3, h, w) allocation per view.
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize`: back to ``[0, 1]`` (clamped), for visualisation."""
+    x = check_tensor("images", images)
+    if not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"images must be a float (N, 3, H, W) tensor, got {tuple(x.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Weak view: flip + random-sized crop + resize
+# --------------------------------------------------------------------------------------------
+
+
+class CropParams(NamedTuple):
+    """Per-sample geometry of the weak view.
+
+    Attributes:
+        boxes: ``(N, 4)`` int64 ``(top, left, height, width)`` of the crop in input pixels.
+        flips: ``(N,)`` bool, whether the crop is mirrored horizontally.
+    """
+
+    boxes: torch.Tensor
+    flips: torch.Tensor
+
+
+def crop_params(
+    n: int,
+    in_size: tuple[int, int],
+    *,
+    height_range: tuple[float, float] = (341 / 1024, 1000 / 1024),
+    aspect: float = 2.0,
+    flip_probability: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> CropParams:
+    """Draw the weak view's geometry for ``n`` images of size ``in_size = (H, W)``.
+
+    Crop height ``h ~ U(height_range) · H`` (the SPEC's 341–1000 of 1024), width ``min(aspect · h,
+    W)``, position uniform inside the image. Draws on the CPU from ``generator``.
+
+    >>> import torch
+    >>> p = crop_params(2, (1024, 2048), generator=torch.Generator().manual_seed(0))
+    >>> p.boxes.shape, bool((p.boxes[:, 2] >= 341).all() and (p.boxes[:, 2] <= 1000).all())
+    (torch.Size([2, 4]), True)
+    """
+    check_positive_int("n", n)
+    h_in, w_in = (int(s) for s in in_size)
+    lo, hi = (float(v) for v in height_range)
+    if not 0 < lo <= hi <= 1:
+        raise ValueError(f"height_range must satisfy 0 < low <= high <= 1, got {height_range}")
+    if aspect <= 0:
+        raise ValueError(f"aspect must be positive, got {aspect}")
+    check_unit_interval("flip_probability", flip_probability)
+    u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
+    h = (lo + (hi - lo) * u[:, 0]) * h_in
+    h = h.round().clamp(1, h_in)
+    w = (h * aspect).round().clamp(1, w_in)
+    top = (u[:, 1] * (h_in - h + 1)).floor().clamp(max=h_in - h)
+    left = (u[:, 2] * (w_in - w + 1)).floor().clamp(max=w_in - w)
+    boxes = torch.stack([top, left, h, w], 1).long()
+    return CropParams(boxes, u[:, 3] < flip_probability)
+
+
+def _nearest_index(start: int, length: int, out: int, device: torch.device) -> torch.Tensor:
+    # Pixel-centre nearest neighbour ("nearest-exact"): source = floor((u + 0.5) · length / out).
+    u = torch.arange(out, device=device, dtype=torch.float64)
+    return (start + ((u + 0.5) * (length / out)).floor().clamp(max=length - 1)).long()
+
+
+def weak_geometry(
+    images: torch.Tensor,
+    params: CropParams,
+    out_size: tuple[int, int],
+    maps: Sequence[torch.Tensor] = (),
+    *,
+    keep_uint8: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Apply crop, flip and resize: images bilinearly, each integer map (labels, masks) nearest.
+
+    Only the crop is read and converted to float (a view of the input per sample, then one
+    ``interpolate``), so the cost follows the output size, not the input's. Bilinear sampling uses
+    pixel centres (``align_corners=False``); nearest sampling picks the pixel whose centre is closest
+    to the output pixel's, so a label stays within half an output pixel of its image content.
+
+    Args:
+        images: ``(N, 3, H, W)`` float (or uint8, returned as float in ``[0, 1]``).
+        params: :class:`CropParams` from :func:`crop_params` (boxes in this image's pixels).
+        out_size: ``(h, w)`` of the output.
+        maps: ``(N, H, W)`` integer tensors (pseudo-labels, paste masks).
+        keep_uint8: return uint8 images when resized natively in uint8 (CPU), for callers that
+            paste before converting.
+
+    Returns:
+        ``(N, 3, h, w)`` float images (see ``keep_uint8``) and the list of ``(N, h, w)`` maps in their dtypes.
+
+    >>> import torch
+    >>> img, lab = torch.rand(1, 3, 8, 16), torch.arange(128).view(1, 8, 16)
+    >>> p = CropParams(torch.tensor([[0, 0, 8, 16]]), torch.tensor([True]))
+    >>> out, (l,) = weak_geometry(img, p, (8, 16), [lab])
+    >>> torch.equal(l, lab.flip(-1)), torch.allclose(out, img.flip(-1), atol=1e-5)
+    (True, True)
+    """
+    x = check_tensor("images", images)
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(x.shape)}")
+    if not (x.dtype == torch.uint8 or x.is_floating_point()):
+        raise TypeError(f"images must be uint8 or floating point in [0, 1], got {x.dtype}")
+    n, _, h_in, w_in = x.shape
+    if params.boxes.shape != (n, 4) or params.flips.shape != (n,):
+        raise ValueError(f"params must hold ({n}, 4) boxes and ({n},) flips")
+    out_h, out_w = int(out_size[0]), int(out_size[1])
+    for i, m in enumerate(maps):
+        m = check_tensor(f"maps[{i}]", m)
+        if m.is_floating_point() or tuple(m.shape) != (n, h_in, w_in):
+            raise ValueError(
+                f"maps[{i}] must be an integer tensor of shape {(n, h_in, w_in)}, got "
+                f"{tuple(m.shape)} {m.dtype}"
+            )
+    boxes = params.boxes.tolist()  # CPU parameters: no device sync
+    if any(
+        t < 0 or x0 < 0 or h < 1 or w < 1 or t + h > h_in or x0 + w > w_in for t, x0, h, w in boxes
+    ):
+        raise ValueError(f"params.boxes must lie inside the {h_in}x{w_in} images")
+    flips = params.flips.tolist()
+    # uint8 on the CPU is resized in uint8 (as PIL does; bilinear uint8 kernels exist there) and
+    # converted once at the output size; elsewhere the crop is converted, then resized.
+    native_u8 = x.dtype == torch.uint8 and x.device.type == "cpu"
+    work = torch.uint8 if native_u8 else (x.dtype if x.is_floating_point() else torch.float32)
+    out = torch.empty(n, 3, out_h, out_w, device=x.device, dtype=work)
+    out_maps = [torch.empty(n, out_h, out_w, device=m.device, dtype=m.dtype) for m in maps]
+    for i, (top, left, h, w) in enumerate(boxes):
+        crop = x[i : i + 1, :, top : top + h, left : left + w]
+        if not native_u8:
+            crop = crop.to(work)
+        r = F.interpolate(crop, size=(out_h, out_w), mode="bilinear", align_corners=False)
+        out[i] = r[0].flip(-1) if flips[i] else r[0]
+        for m, o in zip(maps, out_maps, strict=True):
+            ys = _nearest_index(top, h, out_h, m.device)
+            xs = _nearest_index(left, w, out_w, m.device)
+            if flips[i]:
+                xs = xs.flip(0)
+            o[i] = m[i].index_select(0, ys).index_select(1, xs)
+    if x.dtype == torch.uint8 and not keep_uint8:
+        out = _to_unit(out)
+    return out, out_maps
+
+
+def _to_unit(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x
+
+
+# --------------------------------------------------------------------------------------------
+# Strong view: colour operations
+# --------------------------------------------------------------------------------------------
+
+
+class ColourParams(NamedTuple):
+    """Per-sample randomness of the strong view (all drawn, used or not, so streams stay aligned).
+
+    Attributes:
+        ops: ``(N, k)`` int64 indices into :data:`COLOUR_OPS`, drawn without replacement.
+        apply: ``(N, k)`` bool, whether each drawn op is applied.
+        jitter: ``(N, 4)`` brightness, contrast, saturation factors in ``[0.6, 1.4]`` and hue
+            shift in ``[−0.1, 0.1]`` (turns), combined by :func:`jitter_matrices`.
+        blur_kernel: ``(N,)`` odd Gaussian kernel size in ``[3, 41]`` (σ by OpenCV's rule).
+        contrast: ``(N,)`` contrast factor in ``[0, 3]``.
+        brightness: ``(N,)`` brightness change in ``[−0.5, 0.5]`` (factor ``1 + δ``).
+    """
+
+    ops: torch.Tensor
+    apply: torch.Tensor
+    jitter: torch.Tensor
+    blur_kernel: torch.Tensor
+    contrast: torch.Tensor
+    brightness: torch.Tensor
+
+
+def colour_params(
+    n: int,
+    *,
+    num_ops: int = 3,
+    probability: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> ColourParams:
+    """Draw the strong view's operations and their parameters for ``n`` samples (on the CPU).
+
+    >>> import torch
+    >>> p = colour_params(4, generator=torch.Generator().manual_seed(0))
+    >>> p.ops.shape, bool((p.ops.sort(1).values.diff(dim=1) > 0).all())
+    (torch.Size([4, 3]), True)
+    """
+    check_positive_int("n", n)
+    if not 0 <= num_ops <= len(COLOUR_OPS):
+        raise ValueError(f"num_ops must lie in [0, {len(COLOUR_OPS)}], got {num_ops}")
+    check_unit_interval("probability", probability)
+    ops = torch.rand(n, len(COLOUR_OPS), generator=generator).argsort(dim=1)[:, :num_ops]
+    apply = torch.rand(n, num_ops, generator=generator) < probability
+    u = torch.rand(n, 7, generator=generator)
+    jitter = torch.stack(
+        [0.6 + 0.8 * u[:, 0], 0.6 + 0.8 * u[:, 1], 0.6 + 0.8 * u[:, 2], 0.2 * u[:, 3] - 0.1], 1
+    )
+    blur = 3 + 2 * (u[:, 4] * 20).floor().clamp(max=19).long()
+    return ColourParams(ops, apply, jitter, blur, 3.0 * u[:, 5], u[:, 6] - 0.5)
+
+
+_GRAY = (0.299, 0.587, 0.114)
+# RGB -> YIQ: luma plus two chroma axes; a hue shift is a rotation of the chroma plane.
+_YIQ = ((0.299, 0.587, 0.114), (0.595716, -0.274453, -0.321263), (0.211456, -0.522591, 0.311135))
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def jitter_matrices(jitter: torch.Tensor) -> torch.Tensor:
+    """``(M, 3, 3)`` linear colour maps of the colour-jitter operation (float64).
+
+    ``jitter`` is ``(M, 4)``: brightness ``b``, contrast ``c``, saturation ``s``, hue ``h`` (turns).
+    The map is ``R_h · S_s · (c · b)``: brightness scales, saturation blends with the grey level,
+    and the hue is a rotation by ``2πh`` of the chroma plane in YIQ space (it keeps grey levels
+    fixed). Contrast's other part, the image mean, is the offset ``(1 − c) · b · mean(grey(x))``.
+
+    >>> import torch
+    >>> m = jitter_matrices(torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    >>> torch.allclose(m, torch.eye(3, dtype=torch.float64))
+    True
+    """
+    j = jitter.double()
+    b, c, sat, hue = j.unbind(1)
+    m = len(j)
+    eye = torch.eye(3, dtype=torch.float64).expand(m, 3, 3)
+    gray = torch.tensor(_GRAY, dtype=torch.float64).expand(3, 3)
+    s_mat = sat.view(-1, 1, 1) * eye + (1 - sat).view(-1, 1, 1) * gray
+    yiq = torch.tensor(_YIQ, dtype=torch.float64)
+    cos, sin = torch.cos(2 * torch.pi * hue), torch.sin(2 * torch.pi * hue)
+    rot = torch.zeros(m, 3, 3, dtype=torch.float64)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
+    r_mat = torch.linalg.inv(yiq) @ rot @ yiq
+    return r_mat @ s_mat * (b * c).view(-1, 1, 1)
+
+
+def _gaussian_blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    # Separable, per sample with its own kernel size, as shifted multiply-adds: on CPUs this is
+    # several times faster than a depthwise convolution, and the cost follows each kernel's size.
+    out = torch.empty_like(x)
+    h, w = x.shape[-2:]
+    for i, k in enumerate(kernel.tolist()):
+        radius = k // 2
+        sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
+        t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        weight = torch.exp(-0.5 * (t / sigma) ** 2)
+        weight = (weight / weight.sum()).tolist()
+        y = F.pad(x[i : i + 1], (radius, radius, 0, 0), mode="replicate")
+        row = torch.zeros_like(x[i : i + 1])
+        for j, wj in enumerate(weight):
+            row.add_(y[..., j : j + w], alpha=wj)
+        y = F.pad(row, (0, 0, radius, radius), mode="replicate")
+        col = out[i : i + 1].zero_()
+        for j, wj in enumerate(weight):
+            col.add_(y[..., j : j + h, :], alpha=wj)
+    return out.clamp_(0.0, 1.0)
+
+
+def _posterize(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    # floor(round(255 x) / 2^(8-bits)) · 2^(8-bits) / 255, with floor(floor(a) / n) = floor(a / n).
+    step = 2 ** (8 - bits)
+    return x.mul(255.0 / step).add_(0.5 / step).floor_().mul_(step / 255.0)
+
+
+def _equalize(x: torch.Tensor) -> torch.Tensor:
+    # torchvision/PIL's algorithm, per image and channel, for the whole subset at once: one
+    # bincount over (row, level) pairs, a per-row lookup table, one int32 index_select.
+    m, ch = x.shape[:2]
+    rows = m * ch
+    idx = x.reshape(rows, -1).mul(255.0).round_().to(torch.int32).clamp_(0, 255)
+    last = idx.amax(1, keepdim=True).long()
+    idx.add_(torch.arange(rows, device=x.device, dtype=torch.int32).mul_(256).view(-1, 1))
+    hist = torch.bincount(idx.view(-1), minlength=rows * 256).view(rows, 256).float()
+    step = torch.div(hist.sum(1, keepdim=True) - hist.gather(1, last), 255, rounding_mode="floor")
+    lut = torch.div(
+        hist.cumsum(1) + torch.div(step, 2, rounding_mode="floor"),
+        step.clamp(min=1),
+        rounding_mode="floor",
+    )
+    lut = F.pad(lut, (1, 0))[:, :-1].clamp(0, 255)
+    lut = torch.where(step > 0, lut, torch.arange(256, device=x.device, dtype=lut.dtype))
+    return lut.div_(255.0).to(x.dtype).view(-1).index_select(0, idx.view(-1)).view_as(x)
+
+
+def _apply_op(op: int, x: torch.Tensor, p: ColourParams, idx: torch.Tensor) -> torch.Tensor:
+    dev = x.device
+    if op == 0:
+        # Brightness, contrast, saturation and hue folded into one affine map per image.
+        j = p.jitter[idx]
+        mats = jitter_matrices(j).to(dev, x.dtype)
+        offset = ((1 - j[:, 1]) * j[:, 0]).to(dev, x.dtype)
+        mean = _gray(x).mean(dim=(1, 2, 3))
+        y = torch.einsum("mij,mjhw->mihw", mats, x)
+        return y.add_((offset * mean).view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+    if op == 1:
+        return _gaussian_blur(x, p.blur_kernel[idx])
+    if op == 2:
+        f = p.contrast[idx].to(dev, x.dtype).view(-1, 1, 1, 1)
+        mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+        return x.mul(f).add_((1 - f) * mean).clamp_(0.0, 1.0)
+    if op == 3:
+        f = (1 + p.brightness[idx].to(dev, x.dtype)).view(-1, 1, 1, 1)
+        return x.mul(f).clamp_(0.0, 1.0)
+    if op == 4:
+        return _posterize(x)
+    if op == 5:
+        return _equalize(x)
+    if op == 6:
+        # Solarize at 0.5: x below it, 1 − x from it on, i.e. 0.5 − |x − 0.5|.
+        return x.sub(0.5).abs_().neg_().add_(0.5)
+    return _gray(x).expand(-1, 3, -1, -1).clone()
+
+
+def strong_colour(images: torch.Tensor, params: ColourParams) -> torch.Tensor:
+    """Apply the drawn colour operations to ``(N, 3, H, W)`` images in ``[0, 1]``.
+
+    Each operation runs once per drawing position on the subset of samples that drew and applied
+    it (indices known on the host from ``params``, so no device synchronisation). Output stays in
+    ``[0, 1]``; shape and dtype are kept (uint8 input comes back as float).
+
+    >>> import torch
+    >>> x = torch.rand(4, 3, 16, 16)
+    >>> y = strong_colour(x, colour_params(4, generator=torch.Generator().manual_seed(1)))
+    >>> y.shape == x.shape and bool((y >= 0).all() and (y <= 1).all())
+    True
+    """
+    x = _as_unit_float("images", images)
+    n = x.shape[0]
+    if params.ops.shape[0] != n:
+        raise ValueError(f"params were drawn for {params.ops.shape[0]} samples, images hold {n}")
+    out = x.clone() if x is images else x
+    for step in range(params.ops.shape[1]):
+        for op in range(len(COLOUR_OPS)):
+            chosen = (params.ops[:, step] == op) & params.apply[:, step]
+            idx = torch.nonzero(chosen).flatten()  # CPU tensor: no device sync
+            if len(idx) == 0:
+                continue
+            dev_idx = idx.to(x.device)
+            out.index_copy_(0, dev_idx, _apply_op(op, out.index_select(0, dev_idx), params, idx))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Both views together
+# --------------------------------------------------------------------------------------------
+
+
+class Views(NamedTuple):
+    """Output of :class:`WeakStrongViews`.
+
+    Attributes:
+        weak: ``(N, 3, h, w)`` normalised weak view (teacher input).
+        strong: ``(N, 3, h, w)`` normalised strong view (student input), same geometry.
+        maps: the ``(N, h, w)`` integer maps (pseudo-labels, paste masks) in the weak geometry.
+        crop: the :class:`CropParams` used.
+        colour: the :class:`ColourParams` used.
+    """
+
+    weak: torch.Tensor
+    strong: torch.Tensor
+    maps: list[torch.Tensor]
+    crop: CropParams
+    colour: ColourParams
+
+
+class WeakStrongViews(nn.Module):
+    """Weak and strong views of a batch (SPEC §1.4), normalised with the ImageNet statistics.
+
+    Args:
+        out_size: ``(h, w)`` output size (512 × 1024 in the paper).
+        height_range: crop height as a fraction of the input height (341/1024 to 1000/1024).
+        aspect: crop width / height (2).
+        flip_probability: horizontal flip probability (0.5).
+        num_ops: colour operations drawn per sample (3).
+        op_probability: probability of applying each drawn operation (0.5).
+
+    >>> import torch
+    >>> views = WeakStrongViews((32, 64))
+    >>> out = views(torch.rand(2, 3, 64, 128), [torch.zeros(2, 64, 128, dtype=torch.long)],
+    ...             generator=torch.Generator().manual_seed(0))
+    >>> out.weak.shape, out.strong.shape, out.maps[0].shape
+    (torch.Size([2, 3, 32, 64]), torch.Size([2, 3, 32, 64]), torch.Size([2, 32, 64]))
+    """
+
+    def __init__(
+        self,
+        out_size: tuple[int, int],
+        *,
+        height_range: tuple[float, float] = (341 / 1024, 1000 / 1024),
+        aspect: float = 2.0,
+        flip_probability: float = 0.5,
+        num_ops: int = 3,
+        op_probability: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.out_size = (int(out_size[0]), int(out_size[1]))
+        self.height_range = height_range
+        self.aspect = aspect
+        self.flip_probability = flip_probability
+        self.num_ops = num_ops
+        self.op_probability = op_probability
+
+    def extra_repr(self) -> str:
+        return f"out_size={self.out_size}, num_ops={self.num_ops}"
+
+    def draw(
+        self, n: int, in_size: tuple[int, int], generator: torch.Generator | None = None
+    ) -> tuple[CropParams, ColourParams]:
+        """Draw the geometry and colour parameters of ``n`` samples of size ``in_size``."""
+        crop = crop_params(
+            n,
+            in_size,
+            height_range=self.height_range,
+            aspect=self.aspect,
+            flip_probability=self.flip_probability,
+            generator=generator,
+        )
+        colour = colour_params(
+            n, num_ops=self.num_ops, probability=self.op_probability, generator=generator
+        )
+        return crop, colour
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        maps: Sequence[torch.Tensor] = (),
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Views:
+        x = check_tensor("images", images)
+        if x.dim() != 4:
+            raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(x.shape)}")
+        crop, colour = self.draw(x.shape[0], (x.shape[2], x.shape[3]), generator)
+        weak, out_maps = weak_geometry(x, crop, self.out_size, maps)
+        strong = strong_colour(weak, colour)
+        return Views(_normalize_(weak), _normalize_(strong), out_maps, crop, colour)
