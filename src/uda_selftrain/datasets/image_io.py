@@ -74,7 +74,7 @@ def _open(path: str | os.PathLike[str]) -> Any:
 def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB image."""
     im = _open(path)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable copy
 
 
 def read_label(path: str | os.PathLike[str]) -> np.ndarray:

@@ -93,7 +93,7 @@ class PseudoLabelDataset(Dataset):
             img = _resize_image(img.contiguous(), target)
         if lab.shape != target:
             lab = _resize_nearest(lab, target)
-        return img.contiguous(), torch.from_numpy(np.ascontiguousarray(lab)).long()
+        return img.contiguous(), torch.from_numpy(np.array(lab, dtype=np.int64))
 
     def __getitem__(self, index: int) -> dict[str, object]:
         image, label = self._load(index, None)

@@ -149,7 +149,7 @@ class SegmentationFiles(Dataset):
         img = self.read_image(index)
         lab = self.read_train_ids(index, img.shape[:2])
         image = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).contiguous()
-        label = torch.from_numpy(np.ascontiguousarray(lab)).long()
+        label = torch.from_numpy(np.array(lab, dtype=np.int64))
         if self.size is not None and tuple(image.shape[1:]) != self.size:
             image = _resize_image(image, self.size)
             label = torch.from_numpy(_resize_nearest(lab, self.size)).long()
