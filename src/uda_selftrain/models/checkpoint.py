@@ -1,0 +1,102 @@
+"""Loading the public HIAST checkpoints and torchvision's ImageNet ResNet weights by name.
+
+Public checkpoints (``pseudo_resume_from.pth``, ``resume_from.pth``, ``HIAST_final.pth``) hold the
+state of a segmentor whose keys start with ``seg_model.`` (and ``module.`` when saved under data
+parallelism); the state may be nested under ``"model"``/``"state_dict"``. torchvision's
+``resnet101`` file holds a bare ResNet (``conv1.weight`` ... ``fc.bias``). Both map onto
+:class:`~uda_selftrain.models.DeepLabV2`; keys the model does not use are reported, keys the model
+needs and the file lacks are an error (except the head when loading an ImageNet backbone).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = ["LoadReport", "convert_state_dict", "load_checkpoint"]
+
+
+class LoadReport(NamedTuple):
+    """What :func:`load_checkpoint` did: ``loaded`` keys, ``unused`` keys of the file, and
+    ``missing`` model keys that were allowed to stay at their initial value."""
+
+    loaded: list[str]
+    unused: list[str]
+    missing: list[str]
+
+
+def _unwrap(obj: object) -> Mapping[str, torch.Tensor]:
+    for key in ("state_dict", "model", "seg_model_state", "model_state"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            return _unwrap(obj[key])
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"a checkpoint must hold a state dict, got {type(obj).__name__}")
+    return obj
+
+
+def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename public-HIAST or torchvision keys to :class:`DeepLabV2` keys.
+
+    ``module.`` and ``seg_model.`` prefixes are dropped; bare ResNet keys (``conv1.``, ``layer1.``
+    ... ``fc.``) move under ``backbone.``.
+
+    >>> sorted(convert_state_dict({"module.seg_model.aspp.conv2d_list.0.bias": 0, "layer1.0.conv1.weight": 0}))
+    ['aspp.conv2d_list.0.bias', 'backbone.layer1.0.conv1.weight']
+    """
+    out = {}
+    for key, value in state.items():
+        k = key
+        for prefix in ("module.", "seg_model."):
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        if k.split(".", 1)[0] in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"):
+            k = "backbone." + k
+        out[k] = value
+    return out
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor],
+    *,
+    backbone_only: bool | None = None,
+) -> LoadReport:
+    """Load a public HIAST checkpoint or torchvision ResNet weights into ``model`` (a DeepLabV2).
+
+    Args:
+        model: the model to fill (its ``module.`` wrapper, if any, is unwrapped by the caller).
+        checkpoint: a path to a ``.pth`` file or an already loaded state dict.
+        backbone_only: allow the head to be missing (ImageNet weights). Default: inferred (true
+            when the file has no ``aspp.`` key).
+
+    Returns:
+        A :class:`LoadReport`. Raises ``KeyError`` for missing keys and ``ValueError`` for shape
+        mismatches, naming the first few.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    else:
+        raw = checkpoint
+    state = convert_state_dict(_unwrap(raw))
+    own = model.state_dict()
+    if backbone_only is None:
+        backbone_only = not any(k.startswith("aspp.") for k in state)
+    unused = sorted(k for k in state if k not in own)
+    missing = sorted(k for k in own if k not in state)
+    allowed = [k for k in missing if backbone_only and not k.startswith("backbone.")]
+    fatal = [k for k in missing if k not in allowed]
+    if fatal:
+        raise KeyError(f"checkpoint lacks {len(fatal)} keys the model needs, e.g. {fatal[:3]}")
+    bad = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if bad:
+        raise ValueError(f"{len(bad)} shape mismatches, e.g. {bad[:3]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return LoadReport(sorted(k for k in state if k in own), unused, allowed)
