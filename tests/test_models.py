@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DATA
 from uda_selftrain.models import (
     FCDiscriminator,
     convert_state_dict,
@@ -14,8 +15,6 @@ from uda_selftrain.models import (
     deeplabv2_small,
     load_checkpoint,
 )
-
-from conftest import DATA
 
 
 def golden_state() -> dict[str, torch.Tensor]:
@@ -65,7 +64,7 @@ def test_load_checkpoint_file_and_errors(tmp_path, official_state):
     load_checkpoint(model, path)
     partial = dict(official_state)
     partial.pop("module.seg_model.backbone.layer4.2.conv3.weight")
-    with pytest.raises(KeyError, match="layer4.2.conv3.weight"):
+    with pytest.raises(KeyError, match=r"layer4\.2\.conv3\.weight"):
         load_checkpoint(model, partial)
     wrong = dict(official_state)
     wrong["module.seg_model.aspp.conv2d_list.0.bias"] = torch.zeros(7)

@@ -1,0 +1,113 @@
+"""The full pipeline's tiny preset: runs, writes its artefacts, resumes, refuses other configs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("PIL")
+pytest.importorskip("cv2")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import hiast_full  # noqa: E402
+
+
+def run(tmp: Path, run_name: str, *extra: str) -> int:
+    return hiast_full.main(
+        [
+            "--preset",
+            "tiny",
+            "--run-dir",
+            str(tmp / run_name),
+            "--data-dir",
+            str(tmp / "data"),
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    assert run(tmp, "a") == 0
+    return tmp
+
+
+def test_tiny_pipeline_writes_everything(tiny_run):
+    rd = tiny_run / "a"
+    for rel in [
+        "config.json",
+        "metrics.jsonl",
+        "results.json",
+        "results.md",
+        "final.pt",
+        "source_only/model.pt",
+        "warmup/model.pt",
+        "round1/student.pt",
+        "round1/teacher.pt",
+        "round2/eval.json",
+        "round1/stats/class_mean_probabilities.npy",
+        "round1/stats/samples_with_class.json",
+        "round1/stats/sample_class_stats.json",
+        "round1/stats/class_threshold.npy",
+        "round1/stats/statics_class.npy",
+        "plots/miou_per_stage.png",
+        "plots/per_class_iou.png",
+    ]:
+        assert (rd / rel).is_file(), rel
+    assert len(list((rd / "round1" / "pseudo").rglob("*.png"))) == 12
+    results = json.loads((rd / "results.json").read_text())
+    assert list(results) == ["source_only", "warmup", "round1", "round2"]
+    assert all(0 <= r["miou"] <= 1 for r in results.values())
+    lines = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "pseudo_labels" for r in lines)
+    assert not list(rd.rglob("ckpt.pt"))  # training checkpoints are removed once a stage ends
+
+
+def test_rerun_resumes_and_other_config_is_refused(tiny_run):
+    rd = tiny_run / "a"
+    before = (rd / "results.json").read_text()
+    assert run(tiny_run, "a") == 0  # everything complete: nothing retrained
+    assert (rd / "results.json").read_text() == before
+    with pytest.raises(SystemExit, match="another configuration"):
+        run(tiny_run, "a", "--round-iters", "9")
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_run, monkeypatch):
+    original = hiast_full.save_training_state
+    calls = {"n": 0}
+
+    def interrupt_after_first_checkpoint(path, **objects):
+        original(path, **objects)
+        if "round1" in str(path):
+            calls["n"] += 1
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(hiast_full, "save_training_state", interrupt_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_run, "b")
+    assert (tiny_run / "b" / "round1" / "ckpt.pt").is_file()
+    assert (tiny_run / "b" / "round1" / "stats" / "done.json").is_file()  # labels kept
+    monkeypatch.setattr(hiast_full, "save_training_state", original)
+    assert run(tiny_run, "b") == 0
+    a = json.loads((tiny_run / "a" / "results.json").read_text())
+    b = json.loads((tiny_run / "b" / "results.json").read_text())
+    assert calls["n"] == 1
+    assert a == b
+
+
+def test_ablation_flags_parse():
+    cfg, _ = hiast_full.parse_args(
+        ["--no-hpla", "--selector", "constant", "--no-consistency", "--amp"]
+    )
+    assert (cfg.hpla, cfg.selector, cfg.consistency, cfg.amp) == (False, "constant", False, True)
+    cfg, abl = hiast_full.parse_args(
+        ["--preset", "gta5", "--ablation", "--round-lrs", "1e-6", "1e-6", "1e-6"]
+    )
+    assert cfg.model == "resnet101" and abl and cfg.round_lrs == (1e-6, 1e-6, 1e-6)
