@@ -185,13 +185,17 @@ def load_training_state(path: Path, device: torch.device, **objects: Any) -> dic
 class IterationBatches(torch.utils.data.Sampler[list[int]]):
     """Index batches for iterations ``start..total-1`` of a run, the same on every resume.
 
-    Epoch ``e`` is a permutation drawn from ``(seed, e)``; iteration ``i`` takes the global batch at
-    position ``i · batch``, and each rank takes its slice of it (DDP without a sampler object).
+    Epoch ``e`` is a permutation drawn from ``(seed, e)``; iteration ``i`` takes the *global* batch
+    at position ``i · batch``, and under DDP each rank takes its ``batch / world_size`` slice, so the
+    samples seen per step do not depend on the number of processes.
     """
 
     def __init__(
         self, length: int, batch_size: int, total: int, start: int = 0, seed: int = 0
     ) -> None:
+        w = world_size()
+        if batch_size % w:
+            raise SystemExit(f"--batch-size {batch_size} must be divisible by the {w} processes")
         self.length, self.batch, self.total, self.start, self.seed = (
             length,
             batch_size,
@@ -199,6 +203,7 @@ class IterationBatches(torch.utils.data.Sampler[list[int]]):
             start,
             seed,
         )
+        self.local = batch_size // w
 
     def __len__(self) -> int:
         return self.total - self.start
@@ -208,22 +213,21 @@ class IterationBatches(torch.utils.data.Sampler[list[int]]):
         return torch.randperm(self.length, generator=g).tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
-        w, r = world_size(), rank()
+        r = rank()
         cache: dict[int, list[int]] = {}
         for it in range(self.start, self.total):
             out = []
-            for k in range(self.batch * w):
-                pos = it * self.batch * w + k
-                epoch, j = divmod(pos, self.length)
+            for k in range(self.batch):
+                epoch, j = divmod(it * self.batch + k, self.length)
                 if epoch not in cache:
                     cache.clear()
                     cache[epoch] = self._perm(epoch)
                 out.append(cache[epoch][j])
-            yield out[r * self.batch : (r + 1) * self.batch]
+            yield out[r * self.local : (r + 1) * self.local]
 
 
 def epoch_of(iteration: int, batch: int, length: int) -> int:
-    return iteration * batch * world_size() // max(length, 1)
+    return iteration * batch // max(length, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ class Config:
     rounds: int = 3
     # HIAST components
     selector: str = "ias"  # ias | constant | argmax | cbst
+    pl_batch: int = 1  # images per selector update and process (per-image IAS: 1)
     alpha: float = 0.5
     beta: float = 0.9
     gamma: float = 8.0
@@ -515,7 +516,11 @@ def evaluate(
 def build_selector(cfg: Config, device: torch.device) -> nn.Module:
     if cfg.selector == "ias":
         return ust.InstanceAdaptiveSelector(
-            cfg.num_classes, alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma
+            cfg.num_classes,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            gamma=cfg.gamma,
+            granularity="batch" if cfg.pl_batch > 1 else "image",
         ).to(device)
     if cfg.selector == "constant":
         return ust.ConstantThresholdSelector(cfg.num_classes, threshold=cfg.constant_threshold).to(
@@ -530,11 +535,12 @@ def build_selector(cfg: Config, device: torch.device) -> nn.Module:
 
 @torch.no_grad()
 def _probabilities(
-    model: nn.Module, item: dict[str, Any], cfg: Config, device: torch.device
+    model: nn.Module, items: list[dict[str, Any]], cfg: Config, device: torch.device
 ) -> torch.Tensor:
-    image = item["image"].unsqueeze(0)
-    logits = model(to_input(image, device))
-    return F.softmax(logits.float(), dim=1)
+    if not items:
+        return torch.empty(0, cfg.num_classes, 1, 1, device=device)
+    images = torch.stack([item["image"] for item in items])
+    return F.softmax(model(to_input(images, device)).float(), dim=1)
 
 
 @torch.no_grad()
@@ -562,8 +568,16 @@ def generate_pseudo_labels(
     stats = ClassStatistics(cfg.num_classes)
     values = torch.zeros(cfg.num_classes, dtype=torch.float64)
     seen = torch.zeros(cfg.num_classes, dtype=torch.bool)
-    w = world_size()
-    n_steps = math.ceil(len(target) / w)
+    # Each step, rank r takes images [base + r·b, base + (r + 1)·b) with b = pl_batch, and the
+    # synchronised selector updates θ once on the union over ranks: the same as one process
+    # taking pl_batch × world_size images per update.
+    w, b = world_size(), cfg.pl_batch
+    n_steps = math.ceil(len(target) / (w * b))
+
+    def items_of(step: int) -> list[dict[str, Any]]:
+        first = step * w * b + rank() * b
+        return [target[i] for i in range(first, min(first + b, len(target)))]
+
     state_path = round_dir / f"pseudo_state_rank{rank()}.pt"
     start = 0
     if state_path.is_file():
@@ -573,29 +587,26 @@ def generate_pseudo_labels(
         values, seen, start = st["values"], st["seen"], st["step"]
     if cfg.selector == "cbst" and start == 0:
         for step in progress(range(n_steps), total=n_steps, desc="cbst fit", quiet=cfg.quiet):
-            i = step * w + rank()
-            if i < len(target):
-                selector.observe(_probabilities(model, target[i], cfg, device), probabilities=True)
+            items = items_of(step)
+            if items:
+                selector.observe(_probabilities(model, items, cfg, device), probabilities=True)
         selector.fit()
     bar = progress(
         total=n_steps, initial=start, desc=f"pseudo-labels {round_dir.name}", quiet=cfg.quiet
     )
     for step in range(start, n_steps):
-        i = step * w + rank()
-        if i < len(target):
-            item = target[i]
-            sel = selector(_probabilities(model, item, cfg, device), probabilities=True)
-            labels = sel.labels[0]
-            write_label(pseudo_label_path(pseudo_dir, item["name"]), labels.cpu().numpy())
-            stats.add([item["name"]], sel.class_pixels.cpu())
+        items = items_of(step)
+        if not items and not (cfg.selector == "ias" and is_distributed()):
+            bar.update()
+            continue
+        # An empty batch still takes part in the synchronised update (ranks without images).
+        sel = selector(_probabilities(model, items, cfg, device), probabilities=True)
+        for j, item in enumerate(items):
+            write_label(pseudo_label_path(pseudo_dir, item["name"]), sel.labels[j].cpu().numpy())
+        if items:
+            stats.add([item["name"] for item in items], sel.class_pixels.cpu())
             if cfg.selector != "ias":
                 values, seen = _update_class_values(values, seen, sel, cfg.num_classes)
-        elif cfg.selector == "ias" and is_distributed():
-            # Keep the lockstep of the synchronised update on ranks that ran out of images.
-            selector(
-                torch.full((1, cfg.num_classes, 1, 1), 1.0 / cfg.num_classes, device=device),
-                probabilities=True,
-            )
         bar.update()
         if (step + 1) % 50 == 0 and step + 1 < n_steps:
             torch.save(
@@ -774,7 +785,7 @@ def self_train(
             log(
                 stage=round_dir.name,
                 iteration=it + 1,
-                loss=float(out.total),
+                loss=float(out.total.detach()),
                 ce=float(out.ce),
                 smoothing=float(out.smoothing),
                 entropy=float(out.entropy),

@@ -111,3 +111,73 @@ def test_ablation_flags_parse():
         ["--preset", "gta5", "--ablation", "--round-lrs", "1e-6", "1e-6", "1e-6"]
     )
     assert cfg.model == "resnet101" and abl and cfg.round_lrs == (1e-6, 1e-6, 1e-6)
+
+
+def _ddp_worker(rank: int, port: int, args: list[str]) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+    )
+    sys.path.insert(0, str(EXAMPLES))
+    import hiast_full as hf
+
+    try:
+        hf.main(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_agree_with_one(tiny_run):
+    """The tiny preset's round under torchrun-style DDP (2 CPU processes, gloo) vs one process.
+
+    Pseudo-labels: one process updating θ on 2 images at a time equals 2 ranks with 1 image each
+    (the selector's histograms are all-reduced), so the statistics must match exactly. Training:
+    the global batch is split across ranks, so the result must agree closely (batch norm sees
+    half batches per rank, and float sums are reduced in another order).
+    """
+    import socket
+
+    import numpy as np
+    import torch
+    import torch.multiprocessing as mp
+
+    from uda_selftrain.mixing import ClassStatistics
+
+    warm = tiny_run / "a" / "warmup" / "model.pt"
+    common = [
+        "--preset",
+        "tiny",
+        "--data-dir",
+        str(tiny_run / "data"),
+        "--quiet",
+        "--init-warmup",
+        str(warm),
+        "--rounds",
+        "1",
+    ]
+    assert hiast_full.main([*common, "--run-dir", str(tiny_run / "one"), "--pl-batch", "2"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(
+        _ddp_worker, args=(port, [*common, "--run-dir", str(tiny_run / "two")]), nprocs=2, join=True
+    )
+    one = ClassStatistics.load(tiny_run / "one" / "round1" / "stats")
+    two = ClassStatistics.load(tiny_run / "two" / "round1" / "stats")
+    np.testing.assert_allclose(two.thresholds, one.thresholds, atol=1e-6)
+    np.testing.assert_allclose(two.class_values, one.class_values, atol=1e-6)
+    order = [two.index(n) for n in one.names]
+    assert torch.equal(two.sample_class_pixels[order], one.sample_class_pixels)
+    r1 = json.loads((tiny_run / "one" / "results.json").read_text())["round1"]["miou"]
+    r2 = json.loads((tiny_run / "two" / "results.json").read_text())["round1"]["miou"]
+    assert abs(r1 - r2) < 0.05
