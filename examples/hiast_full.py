@@ -786,10 +786,10 @@ def self_train(
                 stage=round_dir.name,
                 iteration=it + 1,
                 loss=float(out.total.detach()),
-                ce=float(out.ce),
-                smoothing=float(out.smoothing),
-                entropy=float(out.entropy),
-                consistency=float(out.consistency),
+                ce=float(out.ce.detach()),
+                smoothing=float(out.smoothing.detach()),
+                entropy=float(out.entropy.detach()),
+                consistency=float(out.consistency.detach()),
                 lr=sched.get_last_lr()[0],
             )
         if (it + 1) % cfg.checkpoint_every == 0 and it + 1 < total:
