@@ -112,7 +112,7 @@ class Config:
     disc_lr: float = 1e-4
     disc_width: int = 32
     round_iters: int = 500
-    round_lrs: tuple[float, ...] = (3e-4, 2e-4, 1e-4)
+    round_lrs: tuple[float, ...] = (1e-4, 5e-5, 3e-5)
     head_lr_multiplier: float = 1.0
     weight_decay: float = 5e-4
     min_lr_ratio: float = 1e-3
