@@ -348,3 +348,14 @@ def test_paste_views_donors_of_another_size():
     dlab = torch.randint(0, 6, (2, 1, 16, 32))
     out = paste_views(img, lab, dimg, dlab, hard, WeakStrongViews((8, 16)))
     assert out.weak.shape == (2, 3, 8, 16) and out.maps[1].shape == (2, 8, 16)
+
+
+def test_atomic_files_get_default_permissions(tmp_path):
+    import os
+
+    from uda_selftrain.atomic import atomic_save_json
+
+    atomic_save_json(tmp_path / "x.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -358,8 +358,10 @@ class HIASTLoss(nn.Module):
     """Module form of :func:`hiast_loss`, holding the weights and options.
 
     Args:
-        ce_weight, smoothing_weight, entropy_weight, consistency_weight: term weights
-            (published: 1.0, 0.1, 1.0, 0.5; IAST used entropy 3.0 and no consistency).
+        ce_weight: pseudo-label CE weight (published: 1.0).
+        smoothing_weight: smoothing weight on the confident region (0.1).
+        entropy_weight: entropy weight on the ignored region (1.0; IAST used 3.0).
+        consistency_weight: consistency weight (0.5; IAST had no consistency).
         consistency_region: ``"ignored"`` (HIAST), ``"confident"`` or ``"all"``.
         ignore_index: pseudo-label of unselected pixels.
         normalization: ``"reference"`` (÷ C·|R|, default) or ``"pixel"`` (÷ |R|).

@@ -172,8 +172,8 @@ class ClassStatistics:
     >>> stats = ClassStatistics(num_classes=3)
     >>> stats.add(["a.png", "b.png"], torch.tensor([[10, 0, 5], [2, 7, 0]]))
     >>> stats.class_values = torch.tensor([0.9, 0.5, 0.7], dtype=torch.float64)
-    >>> [p.tolist() for p in stats.donor_pools(drop_fraction=0.0)]
-    [[1, 0], [1], [0]]
+    >>> [p.tolist() for p in stats.donor_pools(drop_fraction=0.0)] == [[1, 0], [1], [0]]
+    True
     >>> stats.class_pixels.tolist()
     [12, 7, 5]
     """
@@ -653,7 +653,12 @@ def paste_views(
     This costs a quarter of pasting at 1024 × 2048 first.
 
     Args:
-        images, labels, donor_images, donor_labels, hard_mask, donor_valid: as :func:`hard_paste`.
+        images: ``(N, 3, H, W)`` receivers (uint8 or float in ``[0, 1]``).
+        labels: ``(N, H, W)`` their pseudo-labels.
+        donor_images: ``(N, D, 3, H', W')`` donors.
+        donor_labels: ``(N, D, H', W')`` donor pseudo-labels.
+        hard_mask: ``(C,)`` bool hard classes.
+        donor_valid: optional ``(N, D)`` bool, padding slots false.
         views: the :class:`~uda_selftrain.augment.WeakStrongViews` to apply.
         generator: draws the views' randomness.
 
