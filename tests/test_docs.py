@@ -41,7 +41,7 @@ def test_own_loop_guide_runs():
         "target_images = torch.randint(0, 256, (6, 3, 32, 64), dtype=torch.uint8)",
     )
     code = code.replace("(512, 1024)", "(16, 32)").replace("range(1000)", "range(2)")
-    namespace: dict[str, object] = {}
+    namespace: dict[str, object] = {"deeplabv2_small": deeplabv2_small}
     exec(compile(code, "own-loop.md", "exec"), namespace)
     assert torch.isfinite(namespace["out"].total)
     assert namespace["pseudo"].shape == (6, 32, 64)
