@@ -147,6 +147,7 @@ class Config:
     init_source: str = ""  # skip source-only, start the warm-up from this checkpoint
     init_warmup: str = ""  # skip source-only and warm-up, start round 1 from this checkpoint
     absent_classes: tuple[int, ...] = field(default_factory=tuple)
+    oracle: bool = False  # synthetic only: train "source-only" on the labelled target train split
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -253,6 +254,8 @@ def build_data(cfg: Config) -> tuple[Dataset, Any, Any, tuple[str, ...]]:
             )
         barrier()
         source = GTA5(root / "source")
+        if cfg.oracle:  # the target oracle: the same training on labelled target images
+            source = Cityscapes(root / "target", "train")
         train = Cityscapes(root / "target", "train", label_type=None)
         val = Cityscapes(root / "target", "val")
         return source, train, val, CITYSCAPES_CLASSES

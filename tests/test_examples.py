@@ -181,3 +181,44 @@ def test_two_processes_agree_with_one(tiny_run):
     r1 = json.loads((tiny_run / "one" / "results.json").read_text())["round1"]["miou"]
     r2 = json.loads((tiny_run / "two" / "results.json").read_text())["round1"]["miou"]
     assert abs(r1 - r2) < 0.05
+
+
+def test_online_and_semi_supervised_examples_run(tiny_run, tmp_path):
+    import online_selftraining
+    import semi_supervised
+
+    data = str(tiny_run / "data")
+    common = ["--synthetic-preset", "tiny", "--data-dir", data, "--width", "8", "--quiet"]
+    assert online_selftraining.main([*common, "--iters", "3", "--out", str(tmp_path / "o")]) == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]
+    assert set(res) == {"baseline", "hiast"} and res["hiast"]["components"]["ias"]
+    assert (
+        semi_supervised.main(
+            [*common, "--iters", "2", "--fractions", "0.5", "--out", str(tmp_path / "s")]
+        )
+        == 0
+    )
+    res = json.loads((tmp_path / "s" / "results.json").read_text())["results"]
+    assert 0 <= res["0.5"]["hiast"] <= 1 and 0 <= res["0.5"]["supervised_only"] <= 1
+
+
+def test_evaluate_example(tiny_run, tmp_path):
+    import evaluate
+
+    out = tmp_path / "eval"
+    args = [
+        str(tiny_run / "a" / "final.pt"),
+        "--preset",
+        "tiny",
+        "--data-dir",
+        str(tiny_run / "data"),
+    ]
+    assert (
+        evaluate.main(
+            [*args, "--device", "cpu", "--scales", "0.75", "1.0", "--flip", "--out", str(out)]
+        )
+        == 0
+    )
+    scores = json.loads((out / "scores.json").read_text())
+    assert 0 <= scores["miou"] <= 1 and scores["flip"] is True
+    assert len(list((out / "predictions").glob("*.png"))) == 6
