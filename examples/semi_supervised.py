@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
@@ -69,7 +70,7 @@ def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, de
         )
     bar = progress(total=args.iters, desc=desc, quiet=args.quiet)
     model.train()
-    for _ in range(args.iters):
+    for it in range(args.iters):
         x, y = labelled_batch(next(lab_it), cfg, device, gen)
         loss = F.cross_entropy(model(x), y, ignore_index=255)
         if semi:
@@ -92,7 +93,15 @@ def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, de
             )
             with torch.no_grad():
                 teacher_logits = teacher(v.weak)
-            loss = loss + loss_fn(model(v.strong), v.maps[0].long(), teacher_logits).total
+            # Sigmoid ramp-up of the unlabelled loss (Laine & Aila): early teachers are poor.
+            t = min(1.0, it / max(1, args.rampup * args.iters)) if args.rampup > 0 else 1.0
+            ramp = float(np.exp(-5.0 * (1.0 - t) ** 2)) if args.rampup > 0 else 1.0
+            loss = (
+                loss
+                + args.unsup_weight
+                * ramp
+                * loss_fn(model(v.strong), v.maps[0].long(), teacher_logits).total
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -115,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema", type=float, default=0.99)
+    p.add_argument(
+        "--unsup-weight", type=float, default=1.0, help="weight of the self-training loss"
+    )
+    p.add_argument(
+        "--rampup", type=float, default=0.0, help="fraction of steps to ramp it up over (0: none)"
+    )
     p.add_argument("--width", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
