@@ -13,6 +13,9 @@ copy-paste between the batch's target images (``--hpla``: hard classes from the 
 values), region-adaptive regularisation (``--regularisation``) and consistency to the teacher on the
 pixels without pseudo-labels (``--consistency``).
 
+Without ``--ias`` the teacher's labels cover every pixel (arg-max), so the consistency term, which
+acts on the pixels without a pseudo-label, has nothing to act on; it needs the selector.
+
 Prints (and writes to ``--out``/results.json) the target mIoU of every variant.
 """
 
