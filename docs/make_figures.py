@@ -1,6 +1,6 @@
 """Regenerate the pictures of the docs from the synthetic city (and a trained model if given).
 
-    python docs/make_figures.py --data-dir data/synthetic_city [--model runs/synthetic/warmup/model.pt]
+python docs/make_figures.py --data-dir data/synthetic_city [--model runs/synthetic/warmup/model.pt]
 """
 
 from __future__ import annotations
@@ -37,8 +37,18 @@ def main() -> None:
     root = synthetic.generate(args.data_dir, progress=False)
     OUT.mkdir(exist_ok=True)
     src, tgt = GTA5(root / "source"), Cityscapes(root / "target", "train")
-    rows = [np.concatenate([src[i]["image"].permute(1, 2, 0).numpy(), colorize(src[i]["label"]),
-                            tgt[i]["image"].permute(1, 2, 0).numpy(), colorize(tgt[i]["label"])], 1) for i in range(3)]
+    rows = [
+        np.concatenate(
+            [
+                src[i]["image"].permute(1, 2, 0).numpy(),
+                colorize(src[i]["label"]),
+                tgt[i]["image"].permute(1, 2, 0).numpy(),
+                colorize(tgt[i]["label"]),
+            ],
+            1,
+        )
+        for i in range(3)
+    ]
     write_rgb(OUT / "synthetic_city.png", upscale(np.concatenate(rows, 0), 2))
 
     images = torch.stack([tgt[i]["image"] for i in range(4)])
@@ -51,8 +61,18 @@ def main() -> None:
             logits = model(ust.normalize(images))
         sel = ust.InstanceAdaptiveSelector(19)(logits)
         const = ust.ConstantThresholdSelector(19)(logits)
-        rows = [np.concatenate([images[i].permute(1, 2, 0).numpy(), colorize(sel.prediction[i]),
-                                colorize(const.labels[i]), colorize(sel.labels[i])], 1) for i in range(3)]
+        rows = [
+            np.concatenate(
+                [
+                    images[i].permute(1, 2, 0).numpy(),
+                    colorize(sel.prediction[i]),
+                    colorize(const.labels[i]),
+                    colorize(sel.labels[i]),
+                ],
+                1,
+            )
+            for i in range(3)
+        ]
         write_rgb(OUT / "selection.png", upscale(np.concatenate(rows, 0), 2))
         pseudo = sel.labels.long()
     else:
@@ -60,14 +80,39 @@ def main() -> None:
     hard = torch.zeros(19, dtype=torch.bool)
     hard[[3, 4, 5, 6, 7, 11, 12, 13, 14, 15, 16, 17, 18]] = True
     g = torch.Generator().manual_seed(3)
-    out = ust.hard_paste(images.float() / 255, pseudo, images.roll(1, 0).unsqueeze(1).float() / 255,
-                         pseudo.roll(1, 0).unsqueeze(1), hard)
-    rows = [np.concatenate([images[i].permute(1, 2, 0).numpy(), rgb(images.roll(1, 0)[i].float() / 255),
-                            rgb(out.images[i]), colorize(out.labels[i]), colorize(out.pasted[i])], 1) for i in range(3)]
+    out = ust.hard_paste(
+        images.float() / 255,
+        pseudo,
+        images.roll(1, 0).unsqueeze(1).float() / 255,
+        pseudo.roll(1, 0).unsqueeze(1),
+        hard,
+    )
+    rows = [
+        np.concatenate(
+            [
+                images[i].permute(1, 2, 0).numpy(),
+                rgb(images.roll(1, 0)[i].float() / 255),
+                rgb(out.images[i]),
+                colorize(out.labels[i]),
+                colorize(out.pasted[i]),
+            ],
+            1,
+        )
+        for i in range(3)
+    ]
     write_rgb(OUT / "hard_paste.png", upscale(np.concatenate(rows, 0), 2))
     views = ust.WeakStrongViews((64, 128))(images, [pseudo], generator=g)
-    rows = [np.concatenate([rgb(denormalize(views.weak)[i]), rgb(denormalize(views.strong)[i]),
-                            colorize(views.maps[0][i])], 1) for i in range(4)]
+    rows = [
+        np.concatenate(
+            [
+                rgb(denormalize(views.weak)[i]),
+                rgb(denormalize(views.strong)[i]),
+                colorize(views.maps[0][i]),
+            ],
+            1,
+        )
+        for i in range(4)
+    ]
     write_rgb(OUT / "views.png", upscale(np.concatenate(rows, 0), 3))
 
 
