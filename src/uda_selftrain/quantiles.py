@@ -52,9 +52,23 @@ def _locate(cum: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.
     return bins, rank - torch.where(bins > 0, prev, torch.zeros_like(prev))
 
 
+def _coarse(
+    keys: torch.Tensor, groups: torch.Tensor, num_groups: int, sync: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Level-1 index (group · 2^15 + upper 15 bits) and its rank-summed ``(G, 2^15)`` histogram."""
+    # Out-of-range values land in the edge bins.
+    index = (keys >> _BITS).clamp_(0, _BINS - 1)
+    index.add_(groups, alpha=_BINS)  # in place: hi + group · 2^15
+    hist = torch.bincount(index, minlength=num_groups * _BINS)[: num_groups * _BINS]
+    if sync:
+        hist = all_reduce_sum(hist)
+    return index, hist.view(num_groups, _BINS)
+
+
 def _order_statistics(
     keys: torch.Tensor,
-    groups: torch.Tensor,
+    index: torch.Tensor,
+    coarse_hist: torch.Tensor,
     num_groups: int,
     rank_a: torch.Tensor,
     rank_b: torch.Tensor,
@@ -63,38 +77,37 @@ def _order_statistics(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys of the ``rank_a``-th and ``rank_b``-th smallest element of every group.
 
-    Two ``bincount`` passes. The code keeps the number of full-size temporaries small and works
-    in place where it can: on a CPU this kernel is bound by memory bandwidth.
+    ``index`` and ``coarse_hist`` come from :func:`_coarse`. The code keeps the number of
+    full-size passes small and works in place where it can: on a CPU this kernel is bound by
+    memory bandwidth.
     """
     size = num_groups * _BINS
     ar = torch.arange(num_groups, device=keys.device, dtype=torch.int32)
-
-    # Level 1: coarse bin = the upper 15 bits. Out-of-range values land in the edge bins.
-    hi = (keys >> _BITS).clamp_(0, _BINS - 1)
-    index = groups * _BINS
-    index.add_(hi)
-    extra_hi = extra_keys >> _BITS if extra_keys is not None else None
-    extra_index = ar * _BINS + extra_hi if extra_hi is not None else None
-    coarse = _counts(index, size, extra_index, sync).view(num_groups, _BINS).cumsum(1)
+    extra_index = ar * _BINS + (extra_keys >> _BITS) if extra_keys is not None else None
+    coarse = coarse_hist.reshape(-1)
+    if extra_index is not None:
+        # Added after the reduction: the extra samples are shared state, counted once, not per rank.
+        coarse = coarse + torch.bincount(extra_index, minlength=size)[:size]
+    coarse = coarse.view(num_groups, _BINS).cumsum(1)
     bin_a, inner_a = _locate(coarse, rank_a)
     bin_b, inner_b = _locate(coarse, rank_b)
     same = bin_b == bin_a
 
     # Level 2, one pass: fine histograms of the elements of bin_a (slot a) and, when it differs,
-    # of bin_b (slot b). Layout: bin 0 collects every other element; slot a starts at 1, slot b
-    # at 1 + size. A lookup table over the level-1 index gives each element its slot offset.
-    table = torch.zeros(size, dtype=torch.int32, device=keys.device)
-    table[ar * _BINS + bin_a.to(torch.int32)] = 1
-    table[(ar * _BINS + bin_b.to(torch.int32))[~same]] = 1 + size
-    offset = table.index_select(0, index)  # int32 indices: no widening copy
-    dump = offset == 0
-    index.sub_(hi).add_(keys & _LOW_MASK).add_(offset).masked_fill_(dump, 0)
+    # of bin_b (slot b). Layout: bin 0 collects every other element; slot a of group g starts at
+    # 1 + g · 2^15, slot b at 1 + size + g · 2^15. A lookup table over the level-1 index gives
+    # each element its slot base, or −2^15 for "elsewhere", so base + lower bits < 0 → bin 0.
+    table = torch.full((size,), -_BINS, dtype=torch.int32, device=keys.device)
+    base = ar * _BINS + 1
+    table[ar * _BINS + bin_a.to(torch.int32)] = base
+    table[(ar * _BINS + bin_b.to(torch.int32))[~same]] = (base + size)[~same]
+    fine_index = table.index_select(0, index)  # int32 indices: no widening copy
+    # The level-1 index is no longer needed: its buffer takes the lower bits (no new allocation).
+    fine_index.add_(torch.bitwise_and(keys, _LOW_MASK, out=index)).clamp_(min=0)
     if extra_keys is not None:
-        extra_offset = table.index_select(0, extra_index)
-        extra_index = torch.where(
-            extra_offset == 0, 0, ar * _BINS + (extra_keys & _LOW_MASK) + extra_offset
-        )
-    fine = _counts(index, 1 + 2 * size, extra_index, sync)[1:].view(2, num_groups, _BINS).cumsum(2)
+        extra_index = (table.index_select(0, extra_index) + (extra_keys & _LOW_MASK)).clamp_(min=0)
+    fine = _counts(fine_index, 1 + 2 * size, extra_index, sync)[1:].view(2, num_groups, _BINS)
+    fine = fine.cumsum(2)
     fine_a, _ = _locate(fine[0], inner_a)
     fine_b_same, _ = _locate(fine[0], inner_b)
     fine_b_other, _ = _locate(fine[1], inner_b)
@@ -125,7 +138,7 @@ def grouped_quantile(
         q: ``(G,)`` quantile level of each group, in ``[0, 1]``.
         extra: optional ``(G,)`` values in ``[0, 1]``, one extra sample per group (IAS adds the
             previous threshold).
-        counts: optional ``(G,)`` number of values per group, if the caller already has it.
+        counts: ignored (kept for compatibility: the counts are read off the level-1 histogram).
         sync: take the quantile of the union of all ranks' values (histograms all-reduced).
 
     Returns:
@@ -137,12 +150,25 @@ def grouped_quantile(
     >>> grouped_quantile(v, g, 2, torch.tensor([0.5, 0.25]))
     tensor([0.2000, 0.6000])
     """
+    return _grouped_quantile(values, groups, num_groups, q, extra=extra, sync=sync)[0]
+
+
+def _grouped_quantile(
+    values: torch.Tensor,
+    groups: torch.Tensor,
+    num_groups: int,
+    q: torch.Tensor,
+    *,
+    extra: torch.Tensor | None = None,
+    sync: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`grouped_quantile` and the ``(G,)`` int64 number of values per group (rank-summed,
+    without the extra samples), read off the level-1 histogram instead of a separate pass."""
     g = groups.reshape(-1).to(torch.int32)
-    if counts is None:
-        counts = torch.bincount(g, minlength=num_groups)[:num_groups]
-        if sync:
-            counts = all_reduce_sum(counts)
-    n = counts.to(torch.int64) + (1 if extra is not None else 0)
+    keys = _keys(values.reshape(-1))
+    index, coarse_hist = _coarse(keys, g, num_groups, sync)
+    counts = coarse_hist.sum(1)
+    n = counts + (1 if extra is not None else 0)
     last = (n - 1).clamp(min=0)
     h = q.to(torch.float64).clamp(0.0, 1.0) * last.to(torch.float64)
     low = h.floor()
@@ -151,9 +177,9 @@ def grouped_quantile(
     high = torch.minimum(low + 1, last)
     extra_keys = _keys(extra.reshape(-1)) if extra is not None else None
     key_a, key_b = _order_statistics(
-        _keys(values.reshape(-1)), g, num_groups, low, high, extra_keys, sync
+        keys, index, coarse_hist, num_groups, low, high, extra_keys, sync
     )
     x0 = key_a.to(torch.int32).view(torch.float32)
     x1 = key_b.to(torch.int32).view(torch.float32)
     out = x0 + frac * (x1 - x0)
-    return torch.where(n > 0, out, torch.full_like(out, float("nan")))
+    return torch.where(n > 0, out, torch.full_like(out, float("nan"))), counts

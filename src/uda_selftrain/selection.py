@@ -29,7 +29,7 @@ from ._checks import (
     value_checks_enabled,
 )
 from .distributed import all_reduce_max, all_reduce_sum, is_distributed
-from .quantiles import grouped_quantile
+from .quantiles import _grouped_quantile
 
 __all__ = [
     "ArgmaxSelector",
@@ -173,6 +173,34 @@ def selected_class_statistics(
     return counts, sums[: n * c].double().view(n, c)
 
 
+def _select_and_count(
+    confidence: torch.Tensor,
+    prediction: torch.Tensor,
+    thresholds: torch.Tensor,
+    num_classes: int,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`select_with_thresholds` and :func:`selected_class_statistics` in one set of passes.
+
+    ``prediction`` must lie in ``[0, C)`` (an arg-max). Returns the ``(N, H, W)`` int64 labels,
+    ``(N, C)`` int64 counts and ``(N, C)`` float64 confidence sums of the selected pixels.
+    """
+    n = confidence.shape[0]
+    c = num_classes
+    hw = prediction.shape[1:].numel()
+    flat_p = prediction.reshape(n, hw)  # an explicit size: also valid for an empty batch
+    p32 = flat_p.to(torch.int32)
+    per_pixel = thresholds.to(confidence.dtype).index_select(0, p32.reshape(-1))
+    keep = confidence.reshape(n, hw) >= per_pixel.view_as(flat_p)
+    labels = torch.where(keep, flat_p.long(), ignore_index).view(prediction.shape)
+    dump = n * c
+    offsets = torch.arange(n, device=p32.device, dtype=torch.int32).view(-1, 1)
+    index = torch.where(keep, torch.add(p32, offsets, alpha=c), dump).reshape(-1)
+    counts = torch.bincount(index, minlength=dump + 1)[:dump].view(n, c)
+    sums = torch.bincount(index, weights=confidence.reshape(-1).double(), minlength=dump + 1)
+    return labels, counts, sums[:dump].double().view(n, c)
+
+
 def ias_update(
     confidence: torch.Tensor,
     prediction: torch.Tensor,
@@ -212,11 +240,8 @@ def ias_update(
     num_classes = th.shape[0]
     q = 1.0 - alpha * th.pow(gamma)
     pred = prediction.reshape(-1).to(torch.int32)
-    counts = torch.bincount(pred, minlength=num_classes)[:num_classes]
-    if sync:
-        counts = all_reduce_sum(counts)
-    psi = grouped_quantile(
-        confidence.reshape(-1), pred, num_classes, q, extra=th, counts=counts, sync=sync
+    psi, counts = _grouped_quantile(
+        confidence.reshape(-1), pred, num_classes, q, extra=th, sync=sync
     )
     new = beta * th + (1.0 - beta) * psi
     new = torch.where(new >= 1.0, torch.full_like(new, 0.999), new)
@@ -450,9 +475,10 @@ class InstanceAdaptiveSelector(nn.Module):
                     sync=sync,
                 )
             )
-            lab = select_with_thresholds(c, p, self.thresholds, ignore_index=self.ignore_index)
+            lab, group_counts, group_sums = _select_and_count(
+                c, p, self.thresholds, self.num_classes, self.ignore_index
+            )
             labels[group] = lab
-            group_counts, group_sums = selected_class_statistics(lab, c, self.num_classes)
             counts[group] = group_counts
             self._update_class_values(group_counts.sum(0), group_sums.sum(0), sync)
         return Selection(labels, conf, pred, counts)
