@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         **values,
     )
     device = init_distributed(args.device)
-    _, _, val, classes = build_data(cfg)
+    _, _, val, _ = build_data(cfg)
     model = build_model(cfg).to(device)
     report = load_checkpoint(model, args.checkpoint)
     if report.unused and is_main_process():
@@ -109,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         pred = prob.argmax(1)
         cm.update(pred, label.unsqueeze(0).to(device))
         if saved < args.max_saved and is_main_process():
-            import numpy as np
-
             row = np.concatenate(
                 [item["image"].permute(1, 2, 0).numpy(), colorize(pred[0].cpu()), colorize(label)],
                 1,
@@ -129,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
             out / "scores.json",
             {**scores, "scales": args.scales, "flip": args.flip, "checkpoint": args.checkpoint},
         )
-    del classes
     return 0
 
 

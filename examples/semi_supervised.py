@@ -27,22 +27,13 @@ from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _pipeline_utils import IterationBatches, progress, seed_everything
-from hiast_full import Config, build_model, evaluate, loader
+from hiast_full import Config, build_model, evaluate, loader, source_batch
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_save_json
-from uda_selftrain.augment import crop_params, normalize, weak_geometry
+from uda_selftrain.augment import normalize
 from uda_selftrain.datasets import Cityscapes, synthetic
 from uda_selftrain.mixing import class_difficulty, paste_views
-
-
-def labelled_batch(batch, cfg, device, gen):
-    n = batch["image"].shape[0]
-    params = crop_params(n, batch["image"].shape[-2:], generator=gen)
-    x, (y,) = weak_geometry(
-        batch["image"].to(device), params, cfg.crop_size, [batch["label"].to(device)]
-    )
-    return normalize(x), y
 
 
 def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, desc: str) -> float:
@@ -71,7 +62,7 @@ def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, de
     bar = progress(total=args.iters, desc=desc, quiet=args.quiet)
     model.train()
     for it in range(args.iters):
-        x, y = labelled_batch(next(lab_it), cfg, device, gen)
+        x, y = source_batch(next(lab_it), cfg, device, gen)
         loss = F.cross_entropy(model(x), y, ignore_index=255)
         if semi:
             images = next(unl_it)["image"].to(device)

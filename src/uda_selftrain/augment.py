@@ -229,12 +229,14 @@ def weak_geometry(
             crop = crop.to(work)
         r = F.interpolate(crop, size=(out_h, out_w), mode="bilinear", align_corners=False)
         out[i] = r[0].flip(-1) if flips[i] else r[0]
-        for m, o in zip(maps, out_maps, strict=True):
-            ys = _nearest_index(top, h, out_h, m.device)
-            xs = _nearest_index(left, w, out_w, m.device)
+        if maps:
+            # The same source rows/columns serve every map of this sample.
+            ys = _nearest_index(top, h, out_h, x.device)
+            xs = _nearest_index(left, w, out_w, x.device)
             if flips[i]:
                 xs = xs.flip(0)
-            o[i] = m[i].index_select(0, ys).index_select(1, xs)
+        for m, o in zip(maps, out_maps, strict=True):
+            o[i] = m[i].index_select(0, ys.to(m.device)).index_select(1, xs.to(m.device))
     if x.dtype == torch.uint8 and not keep_uint8:
         out = _to_unit(out)
     return out, out_maps

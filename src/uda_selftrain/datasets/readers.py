@@ -91,6 +91,19 @@ def _pair(images: list[Path], label_of: Callable[[Path], Path], layout: str) -> 
     return labels
 
 
+def _same_name_pairs(
+    image_dir: Path, label_dir: Path, split_list: PathLike | None, layout: str
+) -> tuple[list[Path], list[Path], Path]:
+    """``image_dir/*.png`` (or the split list's files) paired with ``label_dir/<same name>``."""
+    _require_dir(image_dir, layout)
+    _require_dir(label_dir, layout)
+    if split_list is not None:
+        images = _from_list(image_dir, split_list, layout)
+    else:
+        images = _list(image_dir, "*.png", layout)
+    return images, _pair(images, lambda p: label_dir / p.name, layout), image_dir
+
+
 class SegmentationFiles(Dataset):
     """A list of image files with optional label files, read and mapped on access.
 
@@ -188,14 +201,9 @@ class GTA5(SegmentationFiles):
         split_list: PathLike | None = None,
         size: tuple[int, int] | None = None,
     ) -> None:
-        root = Path(root)
-        image_dir = _require_dir(root / "images", _GTA5_LAYOUT)
-        label_dir = _require_dir(root / "labels", _GTA5_LAYOUT)
-        if split_list is not None:
-            images = _from_list(image_dir, split_list, _GTA5_LAYOUT)
-        else:
-            images = _list(image_dir, "*.png", _GTA5_LAYOUT)
-        labels = _pair(images, lambda p: label_dir / p.name, _GTA5_LAYOUT)
+        images, labels, image_dir = _same_name_pairs(
+            Path(root) / "images", Path(root) / "labels", split_list, _GTA5_LAYOUT
+        )
         super().__init__(
             images,
             labels,
@@ -223,14 +231,9 @@ class SYNTHIA(SegmentationFiles):
         split_list: PathLike | None = None,
         size: tuple[int, int] | None = None,
     ) -> None:
-        root = Path(root)
-        image_dir = _require_dir(root / "RGB", _SYNTHIA_LAYOUT)
-        label_dir = _require_dir(root / "GT" / "LABELS", _SYNTHIA_LAYOUT)
-        if split_list is not None:
-            images = _from_list(image_dir, split_list, _SYNTHIA_LAYOUT)
-        else:
-            images = _list(image_dir, "*.png", _SYNTHIA_LAYOUT)
-        labels = _pair(images, lambda p: label_dir / p.name, _SYNTHIA_LAYOUT)
+        images, labels, image_dir = _same_name_pairs(
+            Path(root) / "RGB", Path(root) / "GT" / "LABELS", split_list, _SYNTHIA_LAYOUT
+        )
         super().__init__(
             images,
             labels,
