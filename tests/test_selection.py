@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -285,3 +288,115 @@ def test_select_from_confidence_matches_forward_and_validates():
         b.select_from_confidence(torch.full_like(conf, float("nan")), pred)
     with pytest.raises(ValueError, match="NaN or Inf"):
         b(torch.full((1, 4, 2, 2), 2.0), probabilities=True)  # probabilities above 1
+
+
+def test_scratch_is_reused_and_never_aliases_outputs():
+    gen = torch.Generator().manual_seed(11)
+    sel = InstanceAdaptiveSelector(5, granularity="batch")
+    x1, x2 = (torch.randn(2, 5, 16, 24, generator=gen) * 4 for _ in range(2))
+    first = sel(x1)
+    kept = [t.clone() for t in first]
+    pointers = {k: b.data_ptr() for k, b in sel._scratch._buffers.items()}
+    held = sel._scratch.nbytes
+    assert held > 0
+    second = sel(x2)
+    # The second call reuses the same memory and leaves the first call's outputs untouched.
+    assert {k: b.data_ptr() for k, b in sel._scratch._buffers.items()} == pointers
+    assert sel._scratch.nbytes == held
+    for a, b in zip(first, kept, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(first.labels, second.labels)
+    sel.release_scratch()
+    assert sel._scratch.nbytes == 0
+    # Copies and pickles start empty; the scratch is never part of the state.
+    assert copy.deepcopy(sel)._scratch.nbytes == 0
+    sel(x1)
+    assert pickle.loads(pickle.dumps(sel))._scratch.nbytes == 0
+    assert all("scratch" not in k for k in sel.state_dict())
+
+
+def test_fresh_selector_on_other_sizes_matches_functional_path():
+    # The scratch grows and shrinks its views with the instance size; results equal the
+    # allocation-per-call functional path.
+    gen = torch.Generator().manual_seed(12)
+    sel = InstanceAdaptiveSelector(4, granularity="batch")
+    th = torch.full((4,), 0.9)
+    for shape in [(2, 4, 32, 32), (1, 4, 3, 5), (3, 4, 40, 8)]:
+        x = torch.randn(*shape, generator=gen) * 4
+        out = sel(x)
+        conf, pred = confidence_and_prediction(x)
+        th = ias_update(conf, pred, th)
+        torch.testing.assert_close(sel.thresholds, th, rtol=0, atol=0)
+        assert torch.equal(out.labels, select_with_thresholds(conf, pred, th))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 64, 64), (1, 512, 1024), (1, 3, 4099), (2, 1, 40961), (1, 1, 1), (3, 0, 5)],
+    ids=["lanes-1024", "large", "odd-small", "odd-large-float64", "one-pixel", "empty"],
+)
+def test_selection_statistics_accurate_for_every_lane_layout(shape, device):
+    from uda_selftrain.selection import _select_and_count
+
+    gen = torch.Generator().manual_seed(13)
+    c = 7
+    pred = torch.randint(0, c, shape, generator=gen)
+    # Confidences close to 1, in long runs of one class: the worst case for float32 sums.
+    conf = 1.0 - torch.rand(shape, generator=gen) * 0.05
+    th = torch.rand(c, generator=gen) * 0.05 + 0.95
+    labels = torch.empty_like(pred, device=device)
+    counts, sums = _select_and_count(
+        conf.to(device),
+        pred.to(device),
+        pred.reshape(-1).to(device, torch.int32),
+        th.to(device),
+        c,
+        255,
+        labels,
+    )
+    keep = conf >= th[pred]
+    assert torch.equal(labels.cpu(), torch.where(keep, pred, 255))
+    k = shape[0]
+    conf64, onehot = conf.double().reshape(k, -1), torch.nn.functional.one_hot(pred, c)
+    sel = (onehot * keep[..., None]).reshape(k, -1, c)
+    assert torch.equal(counts.cpu(), sel.sum(1))
+    expected = (sel.double() * conf64[..., None]).sum(1)
+    assert sums.dtype == torch.float64
+    torch.testing.assert_close(sums.cpu(), expected, rtol=3e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 19, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_confidence_and_prediction_matches_softmax_max(num_classes, dtype, device):
+    gen = torch.Generator().manual_seed(14)
+    logits = (torch.randn(2, num_classes, 5, 6, generator=gen) * 4).to(dtype)
+    # Ties: equal maxima in classes 0 and 1 of one pixel, and in every class of another.
+    if num_classes > 1:
+        logits[0, :2, 0, 0] = 50.0
+        logits[1, :, 2, 3] = 1.0
+    for probabilities in (False, True):
+        scores = logits.float().softmax(1).to(dtype) if probabilities else logits
+        conf, pred = confidence_and_prediction(scores.to(device), probabilities=probabilities)
+        assert conf.dtype == torch.float32 and pred.dtype == torch.int64
+        assert conf.device.type == device.type and pred.shape == (2, 5, 6)
+        top, expected = scores.float().max(1)  # first maximal class on ties
+        assert torch.equal(pred.cpu(), expected)
+        reference = top if probabilities else scores.double().softmax(1).amax(1).float()
+        torch.testing.assert_close(conf.cpu(), reference, rtol=0, atol=1e-6)
+    if num_classes > 1:
+        assert pred[0, 0, 0] == 0 and pred[1, 2, 3] == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_confidence_and_prediction_rejects_non_finite_scores(bad):
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, 1, 1, 0] = bad
+    if bad == float("-inf"):
+        # A masked class (−inf logit) is a valid input: its probability is 0.
+        conf, pred = confidence_and_prediction(x)
+        assert conf[0, 1, 0].item() == pytest.approx(0.5) and pred[0, 1, 0].item() == 0
+    else:
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            confidence_and_prediction(x)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        confidence_and_prediction(torch.full((1, 3, 2, 2), bad))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ._scratch import Scratch
 from .distributed import all_reduce_sum
 
 __all__ = ["grouped_quantile"]
@@ -31,88 +32,92 @@ def _keys(values: torch.Tensor) -> torch.Tensor:
     return v.view(torch.int32)
 
 
-def _counts(index: torch.Tensor, size: int, extra: torch.Tensor | None, sync: bool) -> torch.Tensor:
-    """``bincount`` of ``index`` into ``size`` bins (indices ``≥ size`` dropped), rank-summed."""
-    counts = torch.bincount(index, minlength=size)[:size]
-    if sync:
-        counts = all_reduce_sum(counts)
-    if extra is not None:
-        # Added after the reduction: the extra samples are shared state, counted once, not per rank.
-        counts = counts + torch.bincount(extra, minlength=size)[:size]
-    return counts
-
-
 def _locate(cum: torch.Tensor, rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bin of each row holding its ``rank``-th (0-based) element, and the rank inside that bin.
 
-    ``cum`` is the row-wise cumulative histogram.
+    ``cum`` ``(G, K)`` is the row-wise cumulative histogram; ``rank`` ``(G,)`` int64.
     """
-    bins = (cum <= rank[:, None]).sum(1).clamp_(max=_BINS - 1)
+    bins = torch.searchsorted(cum, rank[:, None], right=True)[:, 0].clamp_(max=cum.shape[1] - 1)
     prev = cum.gather(1, (bins - 1).clamp(min=0)[:, None])[:, 0]
     return bins, rank - torch.where(bins > 0, prev, torch.zeros_like(prev))
 
 
 def _coarse(
-    keys: torch.Tensor, groups: torch.Tensor, num_groups: int, sync: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Level-1 index (group · 2^15 + upper 15 bits) and its rank-summed ``(G, 2^15)`` histogram."""
-    # Out-of-range values land in the edge bins.
-    index = (keys >> _BITS).clamp_(0, _BINS - 1)
-    index.add_(groups, alpha=_BINS)  # in place: hi + group · 2^15
-    hist = torch.bincount(index, minlength=num_groups * _BINS)[: num_groups * _BINS]
+    keys: torch.Tensor, groups: torch.Tensor, num_groups: int, sync: bool, out: torch.Tensor
+) -> torch.Tensor:
+    """Level 1: writes ``group · 2^15 + upper 15 bits`` of every key into ``out`` (int32, ``(M,)``)
+    and returns the rank-summed ``(G, 2^15)`` histogram."""
+    torch.bitwise_right_shift(keys, _BITS, out=out)
+    out.clamp_(0, _BINS - 1)  # values outside [0, 1] land in the edge bins
+    out.add_(groups, alpha=_BINS)
+    size = num_groups * _BINS
+    hist = torch.bincount(out, minlength=size)[:size]
     if sync:
         hist = all_reduce_sum(hist)
-    return index, hist.view(num_groups, _BINS)
+    return hist.view(num_groups, _BINS)
 
 
 def _order_statistics(
     keys: torch.Tensor,
     index: torch.Tensor,
     coarse_hist: torch.Tensor,
-    num_groups: int,
     rank_a: torch.Tensor,
     rank_b: torch.Tensor,
     extra_keys: torch.Tensor | None,
     sync: bool,
+    scratch: Scratch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys of the ``rank_a``-th and ``rank_b``-th smallest element of every group.
 
-    ``index`` and ``coarse_hist`` come from :func:`_coarse`. The code keeps the number of
-    full-size passes small and works in place where it can: on a CPU this kernel is bound by
-    memory bandwidth.
+    ``index`` and ``coarse_hist`` come from :func:`_coarse`; ``rank_b`` is ``rank_a`` or
+    ``rank_a + 1``. Both ``index`` and ``coarse_hist`` are overwritten. The code keeps the number
+    of full-size passes and fresh allocations small: on a CPU this kernel is bound by memory
+    bandwidth and page faults.
     """
+    num_groups = coarse_hist.shape[0]
+    device = keys.device
     size = num_groups * _BINS
-    ar = torch.arange(num_groups, device=keys.device, dtype=torch.int32)
-    extra_index = ar * _BINS + (extra_keys >> _BITS) if extra_keys is not None else None
-    coarse = coarse_hist.reshape(-1)
-    if extra_index is not None:
-        # Added after the reduction: the extra samples are shared state, counted once, not per rank.
-        coarse = coarse + torch.bincount(extra_index, minlength=size)[:size]
-    coarse = coarse.view(num_groups, _BINS).cumsum(1)
-    bin_a, inner_a = _locate(coarse, rank_a)
-    bin_b, inner_b = _locate(coarse, rank_b)
-    same = bin_b == bin_a
-
-    # Level 2, one pass: fine histograms of the elements of bin_a (slot a) and, when it differs,
-    # of bin_b (slot b). Layout: bin 0 collects every other element; slot a of group g starts at
-    # 1 + g · 2^15, slot b at 1 + size + g · 2^15. A lookup table over the level-1 index gives
-    # each element its slot base, or −2^15 for "elsewhere", so base + lower bits < 0 → bin 0.
-    table = torch.full((size,), -_BINS, dtype=torch.int32, device=keys.device)
-    base = ar * _BINS + 1
-    table[ar * _BINS + bin_a.to(torch.int32)] = base
-    table[(ar * _BINS + bin_b.to(torch.int32))[~same]] = (base + size)[~same]
-    fine_index = table.index_select(0, index)  # int32 indices: no widening copy
-    # The level-1 index is no longer needed: its buffer takes the lower bits (no new allocation).
-    fine_index.add_(torch.bitwise_and(keys, _LOW_MASK, out=index)).clamp_(min=0)
+    ar = torch.arange(num_groups, device=device, dtype=torch.int32)
+    coarse = coarse_hist.view(-1)
+    extra_index = None
     if extra_keys is not None:
-        extra_index = (table.index_select(0, extra_index) + (extra_keys & _LOW_MASK)).clamp_(min=0)
-    fine = _counts(fine_index, 1 + 2 * size, extra_index, sync)[1:].view(2, num_groups, _BINS)
-    fine = fine.cumsum(2)
-    fine_a, _ = _locate(fine[0], inner_a)
-    fine_b_same, _ = _locate(fine[0], inner_b)
-    fine_b_other, _ = _locate(fine[1], inner_b)
-    fine_b = torch.where(same, fine_b_same, fine_b_other)
-    return (bin_a << _BITS) | fine_a, (bin_b << _BITS) | fine_b
+        extra_index = ar * _BINS + (extra_keys >> _BITS).clamp(0, _BINS - 1)
+        # Added after the reduction: the extra samples are shared state, counted once, not per rank.
+        coarse.index_add_(0, extra_index, torch.ones_like(extra_index, dtype=coarse.dtype))
+    cum = coarse_hist.cumsum_(1)
+    bin_a, inner_a = _locate(cum, rank_a)
+    bin_b, _ = _locate(cum, rank_b)
+
+    # Level 2, one pass. Group g owns fine bins [g · 2^16, (g + 1) · 2^16): the lower half counts
+    # the elements of bin_a by their lower 15 bits, the upper half those of bin_b when it differs
+    # (then the rank_b-th element is the smallest of bin_b, and bin_b's elements follow bin_a's in
+    # rank order). Every other element goes to a dump region of 2^15 bins after the groups, spread
+    # by its own lower bits: no long chains of increments on one counter (a serial dependency on
+    # a CPU, atomic contention on a GPU). A lookup table over the level-1 index gives each element
+    # its region's base.
+    dump = 2 * size
+    table = scratch.get("quantile_table", size, torch.int32, device).fill_(dump)
+    base = ar * (2 * _BINS)
+    table[ar * _BINS + bin_b.to(torch.int32)] = base + _BINS
+    table[ar * _BINS + bin_a.to(torch.int32)] = base  # written last: wins when bin_b == bin_a
+    fine_index = scratch.get("quantile_fine", keys.numel(), torch.int32, device)
+    torch.index_select(table, 0, index, out=fine_index)
+    fine_index.add_(torch.bitwise_and(keys, _LOW_MASK, out=index))  # index is free: reuse it
+    fine = torch.bincount(fine_index, minlength=dump + _BINS)[:dump]
+    if sync:
+        fine = all_reduce_sum(fine)
+    if extra_keys is not None:
+        extra_fine = table.index_select(0, extra_index) + (extra_keys & _LOW_MASK)
+        inside = extra_fine < dump
+        fine.index_add_(0, extra_fine.clamp(max=dump - 1), inside.to(fine.dtype))
+    fine_cum = fine.view(num_groups, 2 * _BINS).cumsum_(1)
+    fine_a, _ = _locate(fine_cum, inner_a)
+    fine_b, _ = _locate(fine_cum, inner_a + (rank_b - rank_a))
+    key_a = (bin_a << _BITS) | fine_a
+    key_b = torch.where(
+        fine_b >= _BINS, (bin_b << _BITS) | (fine_b - _BINS), (bin_a << _BITS) | fine_b
+    )
+    return key_a, key_b
 
 
 def grouped_quantile(
@@ -150,6 +155,10 @@ def grouped_quantile(
     >>> grouped_quantile(v, g, 2, torch.tensor([0.5, 0.25]))
     tensor([0.2000, 0.6000])
     """
+    # The kernel needs keys in [0, 1]; the internal callers guarantee it, the public one clamps.
+    values = values.to(torch.float32).clamp(0.0, 1.0)
+    if extra is not None:
+        extra = extra.to(torch.float32).clamp(0.0, 1.0)
     return _grouped_quantile(values, groups, num_groups, q, extra=extra, sync=sync)[0]
 
 
@@ -161,12 +170,20 @@ def _grouped_quantile(
     *,
     extra: torch.Tensor | None = None,
     sync: bool = False,
+    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`grouped_quantile` and the ``(G,)`` int64 number of values per group (rank-summed,
-    without the extra samples), read off the level-1 histogram instead of a separate pass."""
+    without the extra samples), read off the level-1 histogram instead of a separate pass.
+
+    ``groups`` is read, never written. ``scratch`` holds the full-size temporaries (fresh
+    ones when not given).
+    """
+    if scratch is None:
+        scratch = Scratch()
     g = groups.reshape(-1).to(torch.int32)
     keys = _keys(values.reshape(-1))
-    index, coarse_hist = _coarse(keys, g, num_groups, sync)
+    index = scratch.get("quantile_index", keys.numel(), torch.int32, keys.device)
+    coarse_hist = _coarse(keys, g, num_groups, sync, out=index)
     counts = coarse_hist.sum(1)
     n = counts + (1 if extra is not None else 0)
     last = (n - 1).clamp(min=0)
@@ -176,9 +193,7 @@ def _grouped_quantile(
     low = low.to(torch.int64)
     high = torch.minimum(low + 1, last)
     extra_keys = _keys(extra.reshape(-1)) if extra is not None else None
-    key_a, key_b = _order_statistics(
-        keys, index, coarse_hist, num_groups, low, high, extra_keys, sync
-    )
+    key_a, key_b = _order_statistics(keys, index, coarse_hist, low, high, extra_keys, sync, scratch)
     x0 = key_a.to(torch.int32).view(torch.float32)
     x1 = key_b.to(torch.int32).view(torch.float32)
     out = x0 + frac * (x1 - x0)
