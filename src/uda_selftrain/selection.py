@@ -243,22 +243,24 @@ def _select_and_count(
     rejected = scratch.get("rejected", m, torch.bool, flat_conf.device)
     torch.index_select(thresholds.float(), 0, prediction32, out=per_pixel)
     torch.lt(flat_conf, per_pixel, out=rejected)
-    ignore = torch.full((), ignore_index, dtype=torch.int64, device=labels.device)
-    pred64 = prediction.reshape(k, hw).long()
-    torch.where(rejected.view(k, hw), ignore, pred64, out=labels.view(k, hw))
+    # code = class (selected) or C + class (rejected): an add instead of a masked fill, and the
+    # labels are then a lookup in a 2C-entry table instead of a three-input where (3-5x faster).
+    code = prediction32.add_(rejected.view(torch.uint8), alpha=c)
+    table = torch.arange(2 * c, device=labels.device).remainder_(c)
+    table[c:] = ignore_index
+    torch.index_select(table, 0, code, out=labels.view(m))
 
-    # Statistics: one bincount over (image, lane, class) bins, the rejected pixels in class slot C.
-    # Neighbouring pixels go to different lanes (pixel index mod L): on a CPU a run of pixels of
-    # one class would otherwise be a serial chain of increments on one counter, and each lane
-    # accumulates at most _LANE_PIXELS float32 confidences, so the float64 total of the lanes is
-    # within 3e-7 relative (measured worst case: 2048 values near 1 per lane) without a float64
-    # copy of the confidences; larger lanes fall back to float64 weights.
+    # Statistics: one bincount over (image, lane, code) bins. Neighbouring pixels go to different
+    # lanes (pixel index mod L): on a CPU a run of pixels of one class would otherwise be a serial
+    # chain of increments on one counter, and each lane accumulates at most _LANE_PIXELS float32
+    # confidences, so the float64 total of the lanes is within 3e-7 relative (measured worst
+    # case: 2048 values near 1 per lane) without a float64 copy of the confidences; larger lanes
+    # fall back to float64 weights.
     lanes = math.gcd(hw, _LANES)
-    stats = prediction32.masked_fill_(rejected, c).view(k, hw // lanes, lanes)
-    bins = c + 1
-    offsets = torch.arange(k * lanes, device=stats.device, dtype=torch.int32).mul_(bins)
-    stats.add_(offsets.view(k, 1, lanes))
-    index = stats.view(m)
+    bins = 2 * c
+    offsets = torch.arange(k * lanes, device=code.device, dtype=torch.int32).mul_(bins)
+    code.view(k, hw // lanes, lanes).add_(offsets.view(k, 1, lanes))
+    index = code
     size = k * lanes * bins
     counts = torch.bincount(index, minlength=size)[:size].view(k, lanes, bins).sum(1)[:, :c]
     if confidence.device.type == "cpu" and hw // lanes <= _LANE_PIXELS:
