@@ -1,0 +1,60 @@
+"""Smoke tests of the benchmark scripts at tiny sizes: they run, agree with the reference, and
+print their ratios (the timings themselves are recorded in benchmarks/RESULTS.md, never asserted)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), "--device", "cpu", "--repeat", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("scale", ["4", "20"])
+def test_bench_selection(scale):
+    out = _run("bench_selection.py", "--size", "2", "5", "16", "32", "--scale", scale)
+    gap = float(out.split("max |θ_ours − θ_ref| = ")[1].split()[0])
+    assert gap < 1e-3  # the reference rounds confidences to float16
+    for row in ("update", "per image", "end-to-end"):
+        assert f"{row} " in out and "ratio" in out
+
+
+def test_bench_losses():
+    out = _run("bench_losses.py", "--size", "1", "3", "16", "32")
+    ours, ref = re.search(r"same value: ours (\S+) reference (\S+)", out).groups()
+    assert float(ours) == pytest.approx(float(ref), rel=1e-5)
+    assert "forward+backward" in out and "peak memory" in out
+
+
+def test_bench_mixing():
+    out = _run(
+        "bench_mixing.py",
+        "--size",
+        "2",
+        "3",
+        "64",
+        "128",
+        "--out",
+        "32",
+        "64",
+        "--classes",
+        "5",
+        "--hard",
+        "3",
+    )
+    assert "speed-up" in out
