@@ -21,6 +21,10 @@ from uda_selftrain import (
     select_with_thresholds,
     value_checks,
 )
+from uda_selftrain.selection import (
+    _confidence_and_prediction_by_class,
+    _confidence_and_prediction_reduced,
+)
 
 
 @pytest.mark.parametrize("tag", ["sl", "default"])
@@ -385,6 +389,13 @@ def test_confidence_and_prediction_matches_softmax_max(num_classes, dtype, devic
         torch.testing.assert_close(conf.cpu(), reference, rtol=0, atol=1e-6)
     if num_classes > 1:
         assert pred[0, 0, 0] == 0 and pred[1, 2, 3] == 0
+    # The CPU (plane-wise) and GPU (fused reduction) forms agree on any device.
+    for probabilities in (False, True):
+        scores = logits.float().softmax(1).to(dtype) if probabilities else logits
+        a = _confidence_and_prediction_by_class(scores, probabilities)
+        b = _confidence_and_prediction_reduced(scores, probabilities)
+        assert torch.equal(a[1], b[1])
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

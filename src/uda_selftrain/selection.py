@@ -114,10 +114,18 @@ def confidence_and_prediction(
     if s.device.type == "cpu":
         conf, pred = _confidence_and_prediction_by_class(s, probabilities)
     else:
-        s32 = s.float()
-        top, pred = s32.max(dim=1)
-        conf = top if probabilities else torch.exp(top - torch.logsumexp(s32, dim=1))
+        conf, pred = _confidence_and_prediction_reduced(s, probabilities)
     _check_confidence(conf)
+    return conf, pred
+
+
+def _confidence_and_prediction_reduced(
+    scores: torch.Tensor, probabilities: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPU form of :func:`confidence_and_prediction`: fused reductions over the class dim."""
+    s32 = scores.float()
+    top, pred = s32.max(dim=1)
+    conf = top if probabilities else torch.exp(top - torch.logsumexp(s32, dim=1))
     return conf, pred
 
 
@@ -136,8 +144,10 @@ def _confidence_and_prediction_by_class(
     top = scores.amax(dim=1)
     top32 = top.float()
     # pred = number of leading classes whose score is below the maximum.
-    pred = torch.zeros(top.shape, dtype=torch.uint8 if num_classes <= 256 else torch.int32)
-    searching = torch.ones(top.shape, dtype=torch.bool)
+    pred = torch.zeros(
+        top.shape, dtype=torch.uint8 if num_classes <= 256 else torch.int32, device=top.device
+    )
+    searching = torch.ones(top.shape, dtype=torch.bool, device=top.device)
     below = torch.empty_like(searching)
     if not probabilities:
         total = torch.zeros_like(top32)
