@@ -60,10 +60,21 @@ def check_run_config(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 class MetricsLog:
-    """JSON-lines log: one object per event, appended and flushed (rank 0 only)."""
+    """JSON-lines log: one object per event, appended and flushed (rank 0 only).
+
+    A run killed while writing can leave a torn last line; opening the log again (on resume)
+    drops it, so every line of the file stays a whole JSON object. ``resumed`` tells whether the
+    log already held records.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.resumed = path.is_file() and path.stat().st_size > 0
+        if self.resumed and is_main_process():
+            data = path.read_bytes()
+            if not data.endswith(b"\n"):
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
 
     def __call__(self, **record: Any) -> None:
         if not is_main_process():

@@ -837,6 +837,7 @@ def run_pipeline(
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_config(run_dir, config_dict(cfg))
     log = MetricsLog(run_dir / "metrics.jsonl")
+    log(event="start", resumed=log.resumed)
     seed_everything(cfg.seed)
     source, target, val, _ = build_data(cfg)
     model = build_model(cfg).to(device)

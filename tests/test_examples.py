@@ -95,7 +95,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_run, monkeypatch):
     assert (tiny_run / "b" / "round1" / "ckpt.pt").is_file()
     assert (tiny_run / "b" / "round1" / "stats" / "done.json").is_file()  # labels kept
     monkeypatch.setattr(hiast_full, "save_training_state", original)
+    log = tiny_run / "b" / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"event": "torn wri')  # as if killed in the middle of a write
     assert run(tiny_run, "b") == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]  # every line whole
+    starts = [r["resumed"] for r in records if r.get("event") == "start"]
+    assert starts == [False, True]
     a = json.loads((tiny_run / "a" / "results.json").read_text())
     b = json.loads((tiny_run / "b" / "results.json").read_text())
     assert calls["n"] == 1
