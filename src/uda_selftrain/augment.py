@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_positive_int, check_tensor, check_unit_interval
+from ._histogram import count
 
 __all__ = [
     "COLOUR_OPS",
@@ -374,7 +375,7 @@ def _equalize(x: torch.Tensor) -> torch.Tensor:
     idx = x.reshape(rows, -1).mul(255.0).round_().to(torch.int32).clamp_(0, 255)
     last = idx.amax(1, keepdim=True).long()
     idx.add_(torch.arange(rows, device=x.device, dtype=torch.int32).mul_(256).view(-1, 1))
-    hist = torch.bincount(idx.view(-1), minlength=rows * 256).view(rows, 256).float()
+    hist = count(idx.view(-1), rows * 256).view(rows, 256).float()
     step = torch.div(hist.sum(1, keepdim=True) - hist.gather(1, last), 255, rounding_mode="floor")
     lut = torch.div(
         hist.cumsum(1) + torch.div(step, 2, rounding_mode="floor"),

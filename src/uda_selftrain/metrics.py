@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._checks import check_positive_int, check_tensor
+from ._histogram import count
 from .distributed import all_reduce_sum
 
 __all__ = [
@@ -103,7 +104,7 @@ def confusion_matrix(
     valid = (t >= 0) & (t < num_classes) & (t != ignore_index)
     c2 = num_classes * num_classes
     index = torch.where(valid, t * num_classes + p.clamp(0, num_classes - 1), c2)
-    return torch.bincount(index, minlength=c2 + 1)[:c2].view(num_classes, num_classes)
+    return count(index, c2 + 1)[:c2].view(num_classes, num_classes)
 
 
 def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:

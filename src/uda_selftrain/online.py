@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ._checks import check_finite, check_float, check_labels, check_tensor, check_unit_interval
+from ._histogram import count
 
 __all__ = [
     "ClassMix",
@@ -64,8 +65,9 @@ def classmix_masks(
     flat = lab.reshape(n, -1).long()
     valid = flat != ignore_index
     offsets = torch.arange(n, device=lab.device).view(-1, 1) * num_classes
-    idx = (flat.clamp(0, num_classes - 1) + offsets)[valid]
-    present = torch.bincount(idx, minlength=n * num_classes).view(n, num_classes) > 0
+    # Ignored pixels go to one extra bin (a where, not a boolean gather: no host sync on a GPU).
+    idx = torch.where(valid, flat.clamp(0, num_classes - 1) + offsets, n * num_classes)
+    present = count(idx.view(-1), n * num_classes + 1)[:-1].view(n, num_classes) > 0
     keys = torch.rand(n, num_classes, generator=generator).to(lab.device)
     keys = torch.where(present, keys, torch.full_like(keys, 2.0))  # absent classes sort last
     order = keys.argsort(dim=1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ._histogram import count
 from ._scratch import Scratch
 from .distributed import all_reduce_sum
 
@@ -51,7 +52,7 @@ def _coarse(
     out.clamp_(0, _BINS - 1)  # values outside [0, 1] land in the edge bins
     out.add_(groups, alpha=_BINS)
     size = num_groups * _BINS
-    hist = torch.bincount(out, minlength=size)[:size]
+    hist = count(out, size)
     if sync:
         hist = all_reduce_sum(hist)
     return hist.view(num_groups, _BINS)
@@ -103,7 +104,7 @@ def _order_statistics(
     fine_index = scratch.get("quantile_fine", keys.numel(), torch.int32, device)
     torch.index_select(table, 0, index, out=fine_index)
     fine_index.add_(torch.bitwise_and(keys, _LOW_MASK, out=index))  # index is free: reuse it
-    fine = torch.bincount(fine_index, minlength=dump + _BINS)[:dump]
+    fine = count(fine_index, dump + _BINS)[:dump]
     if sync:
         fine = all_reduce_sum(fine)
     if extra_keys is not None:

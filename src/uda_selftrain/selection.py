@@ -29,6 +29,7 @@ from ._checks import (
     check_unit_interval,
     value_checks_enabled,
 )
+from ._histogram import count, weighted_sum
 from ._scratch import Scratch
 from .distributed import all_reduce_max, all_reduce_sum, is_distributed
 from .quantiles import _grouped_quantile
@@ -213,11 +214,10 @@ def selected_class_statistics(
         max=dump
     )
     index = flat.reshape(-1)
-    counts = torch.bincount(index, minlength=dump + 1)[:dump].view(n, c)
+    counts = count(index, dump + 1)[:dump].view(n, c)
     # float64 accumulation: the sum over millions of pixels stays order-independent to ~1e-12.
-    sums = torch.bincount(index, weights=confidence.reshape(-1).double(), minlength=n * c + 1)
-    # .double(): bincount returns int64 for an empty input even with float64 weights.
-    return counts, sums[: n * c].double().view(n, c)
+    sums = weighted_sum(index, confidence.reshape(-1).double(), dump + 1)
+    return counts, sums[:dump].view(n, c)
 
 
 _LANES = 1024  # statistic lanes per image (see _select_and_count)
@@ -272,14 +272,12 @@ def _select_and_count(
     code.view(k, hw // lanes, lanes).add_(offsets.view(k, 1, lanes))
     index = code
     size = k * lanes * bins
-    counts = torch.bincount(index, minlength=size)[:size].view(k, lanes, bins).sum(1)[:, :c]
+    counts = count(index, size).view(k, lanes, bins).sum(1)[:, :c]
     if confidence.device.type == "cpu" and hw // lanes <= _LANE_PIXELS:
         weights = flat_conf
     else:
         weights = flat_conf.double()  # GPU: cheap, and atomics stay accurate in any order
-    sums = torch.bincount(index, weights=weights, minlength=size)[:size]
-    # .double(): bincount returns int64 for an empty input even with floating weights.
-    sums = sums.double().view(k, lanes, bins).sum(1)[:, :c]
+    sums = weighted_sum(index, weights, size).double().view(k, lanes, bins).sum(1)[:, :c]
     return counts, sums
 
 
@@ -688,7 +686,7 @@ class CBSTSelector(nn.Module):
         b = (conf * self.bins).long().clamp_(0, self.bins - 1)
         index = (pred * self.bins + b).reshape(-1)
         size = self.num_classes * self.bins
-        self.histogram.add_(torch.bincount(index, minlength=size).view(self.num_classes, self.bins))
+        self.histogram.add_(count(index, size).view(self.num_classes, self.bins))
 
     @torch.no_grad()
     def fit(self) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""The sync-free histogram (zeros + index_add_, used on accelerators) equals bincount, and every
+primitive built on it gives the same results in both forms (the accelerator form forced on a CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from uda_selftrain import (
+    InstanceAdaptiveSelector,
+    _histogram,
+    classmix_masks,
+    confusion_matrix,
+    grouped_quantile,
+)
+from uda_selftrain._histogram import count, weighted_sum
+from uda_selftrain.augment import _equalize
+
+
+@pytest.mark.parametrize("n", [0, 1, 1000])
+def test_count_and_weighted_sum_forms_agree(n, device):
+    gen = torch.Generator().manual_seed(n)
+    index = torch.randint(0, 37, (n,), generator=gen, dtype=torch.int32).to(device)
+    weights = torch.rand(n, generator=gen, dtype=torch.float64).to(device)
+    size = 40  # larger than any index: trailing empty bins
+    a, b = count(index, size), count(index, size, sync_free=True)
+    assert a.dtype == b.dtype == torch.int64 and a.shape == (size,)
+    assert torch.equal(a.cpu(), b.cpu())
+    assert torch.equal(a.cpu(), torch.bincount(index.cpu().long(), minlength=size))
+    x, y = weighted_sum(index, weights, size), weighted_sum(index, weights, size, sync_free=True)
+    assert x.dtype == y.dtype == torch.float64
+    torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    f32 = weighted_sum(index, weights.float(), size)
+    assert f32.dtype == torch.float32  # bincount's rule on a CPU, the weights' dtype elsewhere
+
+
+def _primitives():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 6, 24, 32, generator=gen) * 4
+    sel = InstanceAdaptiveSelector(6)
+    out = [sel(logits), sel(logits * 0.5)]
+    labels = torch.randint(0, 6, (3, 16, 16), generator=gen)
+    labels[0, :4] = 255
+    return {
+        "selection": [t for s in out for t in s],
+        "state": list(sel.state_dict().values()),
+        "quantile": [
+            grouped_quantile(
+                torch.rand(5000, generator=gen),
+                torch.randint(0, 7, (5000,), generator=gen),
+                7,
+                torch.rand(7, generator=gen),
+            )
+        ],
+        "confusion": [confusion_matrix(labels.flip(1), labels, 6)],
+        "classmix": [classmix_masks(labels, 6, generator=torch.Generator().manual_seed(0))],
+        "equalize": [_equalize(torch.rand(2, 3, 8, 8, generator=gen))],
+    }
+
+
+def test_primitives_identical_with_the_accelerator_histogram(monkeypatch):
+    default = _primitives()
+    monkeypatch.setattr(_histogram, "_FORCE_SYNC_FREE", True)
+    forced = _primitives()
+    for name, tensors in default.items():
+        for a, b in zip(tensors, forced[name], strict=True):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+            else:
+                assert torch.equal(a, b), name
