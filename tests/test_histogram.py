@@ -12,6 +12,7 @@ from uda_selftrain import (
     classmix_masks,
     confusion_matrix,
     grouped_quantile,
+    value_checks,
 )
 from uda_selftrain._histogram import count, weighted_sum
 from uda_selftrain.augment import _equalize
@@ -68,3 +69,20 @@ def test_primitives_identical_with_the_accelerator_histogram(monkeypatch):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
             else:
                 assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("granularity", ["image", "batch"])
+def test_accelerator_code_path_has_no_stray_host_tensors(granularity):
+    # On the meta device every non-CPU branch runs (fresh scratch, index_add_ histograms, fused
+    # max/logsumexp) and any tensor created on the host by mistake raises a device mismatch: the
+    # closest check of the CUDA path a machine without a GPU can make.
+    meta = torch.device("meta")
+    with value_checks(False):  # value checks read data back to the host by design
+        sel = InstanceAdaptiveSelector(19, granularity=granularity).to(meta)
+        for probabilities in (False, True):
+            out = sel(torch.empty(2, 19, 8, 8, device=meta), probabilities=probabilities)
+            assert all(t.device == meta for t in out)
+        assert out.labels.shape == (2, 8, 8) and out.class_pixels.shape == (2, 19)
+        labels = torch.empty(2, 8, 8, dtype=torch.long, device=meta)
+        assert confusion_matrix(labels, labels, 19).device == meta
+        assert classmix_masks(labels, 19).device == meta
