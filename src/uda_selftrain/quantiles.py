@@ -2,9 +2,10 @@
 
 For non-negative float32 values the IEEE-754 bit pattern, read as an integer, is ordered like the
 value. A value in ``[0, 1]`` therefore has a 30-bit integer key; its upper 15 bits pick one of
-32 768 coarse bins and its lower 15 bits one of 32 768 fine bins inside. One ``bincount`` per level
-locates the k-th smallest value of every group at once, so the cost is a few linear passes over the
-values whatever the number of groups: no sort, no per-group loop and no host synchronisation.
+32 768 coarse bins and its lower 15 bits one of 32 768 fine bins inside. One integer histogram per
+level locates the k-th smallest value of every group at once, so the cost is a few linear passes
+over the values whatever the number of groups: no sort, no per-group loop and no host
+synchronisation (the histograms have a size known in advance, see ``_histogram``).
 
 The result is **exact** (bit-identical to sorting the float32 values) because every float32 value
 has its own key. Histograms are integer counts, so with a process group they are summed across
