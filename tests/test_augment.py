@@ -260,3 +260,51 @@ def test_crop_params_identity_box():
     p = CropParams(torch.tensor([[0, 0, 6, 10]]), torch.tensor([False]))
     out, _ = weak_geometry(img, p, (6, 10))
     torch.testing.assert_close(out, img)
+
+
+@pytest.mark.parametrize("keep_uint8", [False, True])
+def test_uint8_images_float_path_matches_native_path(monkeypatch, keep_uint8, device):
+    # Off a CPU (or with the native uint8 kernel switched off) uint8 crops are resized in float on
+    # the 0-255 scale: the result must still come back in [0, 1] and match the uint8 kernel.
+    from uda_selftrain import augment
+
+    gen = torch.Generator().manual_seed(21)
+    img = torch.randint(0, 256, (2, 3, 40, 80), generator=gen, dtype=torch.uint8)
+    lab = torch.randint(0, 19, (2, 40, 80), generator=gen)
+    params = CropParams(torch.tensor([[3, 5, 30, 60], [0, 0, 40, 80]]), torch.tensor([True, False]))
+    native, (nlab,) = weak_geometry(img, params, (20, 40), [lab])
+    monkeypatch.setattr(augment, "_NATIVE_UINT8_ON_CPU", False)
+    out, (olab,) = weak_geometry(
+        img.to(device), params, (20, 40), [lab.to(device)], keep_uint8=keep_uint8
+    )
+    assert out.is_floating_point() and out.device.type == device.type
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    # The uint8 kernel works in fixed point and rounds to integers: within one grey level.
+    torch.testing.assert_close(out.cpu(), native, rtol=0, atol=1.0 / 255 + 1e-6)
+    assert torch.equal(olab.cpu(), nlab)
+
+
+def test_paste_views_uint8_float_path_matches_native_path(monkeypatch):
+    from uda_selftrain import augment
+    from uda_selftrain.mixing import paste_views
+
+    gen = torch.Generator().manual_seed(22)
+    img = torch.randint(0, 256, (2, 3, 32, 64), generator=gen, dtype=torch.uint8)
+    lab = torch.randint(0, 5, (2, 32, 64), generator=gen)
+    dimg = torch.randint(0, 256, (2, 1, 3, 32, 64), generator=gen, dtype=torch.uint8)
+    dlab = torch.randint(0, 5, (2, 1, 32, 64), generator=gen)
+    hard = torch.tensor([False, True, False, True, False])
+    views = WeakStrongViews((16, 32))
+
+    def run():
+        return paste_views(
+            img, lab, dimg, dlab, hard, views, generator=torch.Generator().manual_seed(0)
+        )
+
+    native = run()
+    monkeypatch.setattr(augment, "_NATIVE_UINT8_ON_CPU", False)
+    other = run()
+    for a, b in zip(native.maps, other.maps, strict=True):
+        assert torch.equal(a, b)
+    # Normalised views: one grey level is 1/(255·0.224) ≈ 0.0175 at most.
+    torch.testing.assert_close(other.weak, native.weak, rtol=0, atol=0.02)

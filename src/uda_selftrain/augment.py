@@ -163,6 +163,10 @@ def _nearest_index(start: int, length: int, out: int, device: torch.device) -> t
     return (start + ((u + 0.5) * (length / out)).floor().clamp(max=length - 1)).long()
 
 
+# Tests switch this off to run the accelerator (float) path on a CPU.
+_NATIVE_UINT8_ON_CPU = True
+
+
 def weak_geometry(
     images: torch.Tensor,
     params: CropParams,
@@ -183,8 +187,8 @@ def weak_geometry(
         params: :class:`CropParams` from :func:`crop_params` (boxes in this image's pixels).
         out_size: ``(h, w)`` of the output.
         maps: ``(N, H, W)`` integer tensors (pseudo-labels, paste masks).
-        keep_uint8: return uint8 images when resized natively in uint8 (CPU), for callers that
-            paste before converting.
+        keep_uint8: return uint8 images when resized natively in uint8 (uint8 on a CPU), for
+            callers that paste before converting; float in ``[0, 1]`` otherwise.
 
     Returns:
         ``(N, 3, h, w)`` float images (see ``keep_uint8``) and the list of ``(N, h, w)`` maps in their dtypes.
@@ -219,8 +223,9 @@ def weak_geometry(
         raise ValueError(f"params.boxes must lie inside the {h_in}x{w_in} images")
     flips = params.flips.tolist()
     # uint8 on the CPU is resized in uint8 (as PIL does; bilinear uint8 kernels exist there) and
-    # converted once at the output size; elsewhere the crop is converted, then resized.
-    native_u8 = x.dtype == torch.uint8 and x.device.type == "cpu"
+    # converted once at the output size; elsewhere the crop is converted, then resized in float on
+    # the 0-255 scale and divided by 255 at the output size.
+    native_u8 = x.dtype == torch.uint8 and x.device.type == "cpu" and _NATIVE_UINT8_ON_CPU
     work = torch.uint8 if native_u8 else (x.dtype if x.is_floating_point() else torch.float32)
     out = torch.empty(n, 3, out_h, out_w, device=x.device, dtype=work)
     out_maps = [torch.empty(n, out_h, out_w, device=m.device, dtype=m.dtype) for m in maps]
@@ -240,8 +245,11 @@ def weak_geometry(
             rows = m[i].index_select(0, ys.to(m.device))
             # gather along the last dim is ~9x faster than index_select(1, …) on a CPU.
             o[i] = rows.gather(1, xs.to(m.device).expand(out_h, -1))
-    if x.dtype == torch.uint8 and not keep_uint8:
-        out = _to_unit(out)
+    if x.dtype == torch.uint8:
+        if not native_u8:
+            out.div_(255.0)  # resized in float on the 0-255 scale: to [0, 1] at the output size
+        elif not keep_uint8:
+            out = _to_unit(out)
     return out, out_maps
 
 
