@@ -368,7 +368,13 @@ def train_source(
         disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + (2 if adversarial else 1) * 1000 + rank())
     ckpt = stage_dir / "ckpt.pt"
-    objects = {"model": model, "optimizer": opt, "scheduler": sched, "generator": None}
+    objects = {
+        "model": model,
+        "optimizer": opt,
+        "scheduler": sched,
+        "scaler": amp.scaler,  # fp16 loss scale: resumed, not re-learned
+        "generator": None,
+    }
     if disc is not None:
         objects.update(disc=unwrap_model(disc), disc_optimizer=disc_opt)
     state = load_training_state(ckpt, device, **{k: v for k, v in objects.items() if v is not None})
@@ -720,7 +726,13 @@ def self_train(
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + 100 * k + rank())
     ckpt = round_dir / "ckpt.pt"
     state = load_training_state(
-        ckpt, device, model=student, teacher=teacher, optimizer=opt, scheduler=sched
+        ckpt,
+        device,
+        model=student,
+        teacher=teacher,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=amp.scaler,
     )
     start = state["iteration"] if state else 0
     if state:
@@ -788,6 +800,7 @@ def self_train(
                 teacher=teacher,
                 optimizer=opt,
                 scheduler=sched,
+                scaler=amp.scaler,
             )
     bar.close()
     if is_main_process():
