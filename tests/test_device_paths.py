@@ -1,5 +1,10 @@
-"""The sync-free histogram (zeros + index_add_, used on accelerators) equals bincount, and every
-primitive built on it gives the same results in both forms (the accelerator form forced on a CPU)."""
+"""The code paths an accelerator takes, checked on a machine without one.
+
+* The sync-free histogram (zeros + ``index_add_``) equals ``bincount``, and every primitive built
+  on it gives the same results in both forms (the accelerator form forced on a CPU).
+* On the ``meta`` device every non-CPU branch runs and any tensor left on the host by mistake
+  raises a device mismatch, as it would on CUDA.
+"""
 
 from __future__ import annotations
 
@@ -86,3 +91,45 @@ def test_accelerator_code_path_has_no_stray_host_tensors(granularity):
         labels = torch.empty(2, 8, 8, dtype=torch.long, device=meta)
         assert confusion_matrix(labels, labels, 19).device == meta
         assert classmix_masks(labels, 19).device == meta
+
+
+def test_training_step_primitives_have_no_stray_host_tensors():
+    # Augmentation, paste, ClassMix, losses and the teacher on the meta device: randomness is drawn
+    # from CPU generators by design, and everything it touches must still end up on the device.
+    from uda_selftrain import ClassMix, EMATeacher, HIASTLoss, confidence_weight
+    from uda_selftrain.augment import WeakStrongViews, colour_params, strong_colour
+    from uda_selftrain.mixing import paste_views
+
+    meta = torch.device("meta")
+
+    def gen():
+        return torch.Generator().manual_seed(0)
+
+    img8 = torch.empty(2, 3, 32, 64, dtype=torch.uint8, device=meta)
+    imgf = torch.empty(2, 3, 32, 64, device=meta)
+    lab = torch.empty(2, 32, 64, dtype=torch.long, device=meta)
+    views = WeakStrongViews((16, 32))
+    hard = torch.tensor([False, True, False, True, False], device=meta)
+    with value_checks(False):
+        for images in (img8, imgf):
+            v = views(images, [lab], generator=gen())
+            assert v.weak.device == meta and v.strong.device == meta and v.weak.is_floating_point()
+        v = paste_views(
+            img8, lab, img8.unsqueeze(1), lab.unsqueeze(1), hard, views, generator=gen()
+        )
+        assert all(t.device == meta for t in (v.weak, v.strong, *v.maps))
+        strong = strong_colour(
+            torch.empty(2, 3, 16, 32, device=meta), colour_params(2, generator=gen())
+        )
+        assert strong.device == meta
+        mixed = ClassMix(5)(imgf, lab, imgf, lab, generator=gen())
+        assert mixed.images.device == meta
+        logits = torch.empty(2, 5, 16, 32, device=meta, requires_grad=True)
+        out = HIASTLoss()(logits, lab[:, :16, :32], torch.empty(2, 5, 16, 32, device=meta))
+        out.total.backward()
+        assert logits.grad.device == meta
+        assert confidence_weight(torch.empty(2, 5, 16, 32, device=meta)).device == meta
+        net = torch.nn.Conv2d(3, 5, 1).to(meta)
+        teacher = EMATeacher(net)
+        teacher.update(net)
+        assert next(teacher.parameters()).device == meta
