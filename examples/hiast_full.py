@@ -71,7 +71,13 @@ from uda_selftrain.datasets import (
     synthetic,
 )
 from uda_selftrain.datasets.image_io import write_label, write_rgb
-from uda_selftrain.distributed import is_distributed, is_main_process, rank, world_size
+from uda_selftrain.distributed import (
+    all_reduce_sum,
+    is_distributed,
+    is_main_process,
+    rank,
+    world_size,
+)
 from uda_selftrain.mixing import ClassStatistics, DonorSampler, paste_views
 from uda_selftrain.models import (
     FCDiscriminator,
@@ -573,11 +579,13 @@ def generate_pseudo_labels(
 
     state_path = round_dir / f"pseudo_state_rank{rank()}.pt"
     start = 0
+    labelled_pixels = 0  # every pixel given a pseudo-label or 255, this rank
     if state_path.is_file():
         st = torch.load(state_path, map_location=device, weights_only=False)
         selector.load_state_dict(st["selector"])
         stats.add(st["names"], st["pixels"])
         values, seen, start = st["values"], st["seen"], st["step"]
+        labelled_pixels = st["labelled_pixels"]
     if cfg.selector == "cbst" and start == 0:
         for step in progress(range(n_steps), total=n_steps, desc="cbst fit", quiet=cfg.quiet):
             items = items_of(step)
@@ -597,12 +605,14 @@ def generate_pseudo_labels(
         for j, item in enumerate(items):
             write_label(pseudo_label_path(pseudo_dir, item["name"]), sel.labels[j].cpu().numpy())
         if items:
+            labelled_pixels += sel.labels.numel()
             stats.add([item["name"] for item in items], sel.class_pixels.cpu())
             if cfg.selector != "ias":
                 values, seen = _update_class_values(values, seen, sel, cfg.num_classes)
         bar.update()
         if (step + 1) % 50 == 0 and step + 1 < n_steps:
-            torch.save(
+            atomic_torch_save(
+                state_path,
                 {
                     "selector": selector.state_dict(),
                     "names": stats.names,
@@ -610,8 +620,8 @@ def generate_pseudo_labels(
                     "values": values,
                     "seen": seen,
                     "step": step + 1,
+                    "labelled_pixels": labelled_pixels,
                 },
-                state_path,
             )
     bar.close()
     if cfg.selector == "ias":
@@ -623,16 +633,23 @@ def generate_pseudo_labels(
         if thr is not None:
             stats.thresholds = torch.as_tensor(thr).double().cpu().expand(cfg.num_classes).clone()
     stats = _gather_statistics(stats)
+    total = int(all_reduce_sum(torch.tensor([labelled_pixels], device=device)).item())
     if is_main_process():
         stats.save(stats_dir)
         pix = stats.class_pixels
+        selected = int(pix.sum())
         atomic_save_json(
             stats_dir / "done.json",
-            {"images": len(stats), "selected_fraction": float(pix.sum()) / max(1, len(stats))},
+            {
+                "images": len(stats),
+                "selected_fraction": selected / max(1, total),
+                "selected_pixels_per_image": selected / max(1, len(stats)),
+            },
         )
         log(
             stage=round_dir.name,
             event="pseudo_labels",
+            selected_fraction=selected / max(1, total),
             thresholds=stats.thresholds.tolist(),
             class_values=stats.class_values.tolist(),
             class_pixels=pix.tolist(),

@@ -67,6 +67,11 @@ def test_tiny_pipeline_writes_everything(tiny_run):
     assert all(0 <= r["miou"] <= 1 for r in results.values())
     lines = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "pseudo_labels" for r in lines)
+    done = json.loads((rd / "round1" / "stats" / "done.json").read_text())
+    assert done["images"] == 12 and 0 < done["selected_fraction"] <= 1
+    # The fraction is over every pixel of every pseudo-label map (48 × 96 in the tiny preset).
+    per_image = done["selected_pixels_per_image"]
+    assert done["selected_fraction"] == pytest.approx(per_image / (48 * 96), rel=1e-9)
     assert not list(rd.rglob("ckpt.pt"))  # training checkpoints are removed once a stage ends
 
 
