@@ -260,7 +260,7 @@ def _select_and_count(
     table[c:] = ignore_index
     torch.index_select(table, 0, code, out=labels.view(m))
 
-    # Statistics: one bincount over (image, lane, code) bins. Neighbouring pixels go to different
+    # Statistics: one histogram over (image, lane, code) bins. Neighbouring pixels go to different
     # lanes (pixel index mod L): on a CPU a run of pixels of one class would otherwise be a serial
     # chain of increments on one counter, and each lane accumulates at most _LANE_PIXELS float32
     # confidences, so the float64 total of the lanes is within 3e-7 relative (measured worst
@@ -270,14 +270,13 @@ def _select_and_count(
     bins = 2 * c
     offsets = torch.arange(k * lanes, device=code.device, dtype=torch.int32).mul_(bins)
     code.view(k, hw // lanes, lanes).add_(offsets.view(k, 1, lanes))
-    index = code
     size = k * lanes * bins
-    counts = count(index, size).view(k, lanes, bins).sum(1)[:, :c]
+    counts = count(code, size).view(k, lanes, bins).sum(1)[:, :c]
     if confidence.device.type == "cpu" and hw // lanes <= _LANE_PIXELS:
         weights = flat_conf
     else:
         weights = flat_conf.double()  # GPU: cheap, and atomics stay accurate in any order
-    sums = weighted_sum(index, weights, size).double().view(k, lanes, bins).sum(1)[:, :c]
+    sums = weighted_sum(code, weights, size).double().view(k, lanes, bins).sum(1)[:, :c]
     return counts, sums
 
 
