@@ -71,10 +71,11 @@ class MetricsLog:
         self.path = path
         self.resumed = path.is_file() and path.stat().st_size > 0
         if self.resumed and is_main_process():
-            data = path.read_bytes()
-            if not data.endswith(b"\n"):
-                with open(path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
+            with open(path, "r+b") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # only a torn log is read in full
+                    f.seek(0)
+                    f.truncate(f.read().rfind(b"\n") + 1)
 
     def __call__(self, **record: Any) -> None:
         if not is_main_process():

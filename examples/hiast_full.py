@@ -638,18 +638,19 @@ def generate_pseudo_labels(
         stats.save(stats_dir)
         pix = stats.class_pixels
         selected = int(pix.sum())
+        fraction = selected / max(1, total)
         atomic_save_json(
             stats_dir / "done.json",
             {
                 "images": len(stats),
-                "selected_fraction": selected / max(1, total),
+                "selected_fraction": fraction,
                 "selected_pixels_per_image": selected / max(1, len(stats)),
             },
         )
         log(
             stage=round_dir.name,
             event="pseudo_labels",
-            selected_fraction=selected / max(1, total),
+            selected_fraction=fraction,
             thresholds=stats.thresholds.tolist(),
             class_values=stats.class_values.tolist(),
             class_pixels=pix.tolist(),

@@ -256,8 +256,8 @@ def _select_and_count(
     # code = class (selected) or C + class (rejected): an add instead of a masked fill, and the
     # labels are then a lookup in a 2C-entry table instead of a three-input where (3-5x faster).
     code = prediction32.add_(rejected.view(torch.uint8), alpha=c)
-    table = torch.arange(2 * c, device=labels.device).remainder_(c)
-    table[c:] = ignore_index
+    table = torch.full((2 * c,), ignore_index, dtype=labels.dtype, device=labels.device)
+    table[:c] = torch.arange(c, device=labels.device)
     torch.index_select(table, 0, code, out=labels.view(m))
 
     # Statistics: one histogram over (image, lane, code) bins. Neighbouring pixels go to different
