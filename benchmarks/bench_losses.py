@@ -1,4 +1,4 @@
-"""HIAST loss forward + backward: our fused loss vs the reference approach (SPEC §8).
+"""HIAST loss forward + backward: our fused loss vs the reference approach.
 
 The reference (public implementation, re-created faithfully): ``F.cross_entropy`` with the ignore
 index; for each region term an ``(N, C, H, W)`` weight tensor ``ones_like(logits) * mask`` multiplied

@@ -1,6 +1,6 @@
 """HPLA paste + weak/strong views: our batched tensors vs the reference's per-sample host work.
 
-The reference (public implementation, re-created faithfully, SPEC §8): in the data-loader worker,
+The reference (public implementation, re-created faithfully): in the data-loader worker,
 per sample, at full resolution with numpy: for each hard class a boolean mask of the donor's label
 and two assignments (image, label); then the transforms on PIL images: random-sized crop, resize
 (bilinear image, nearest label), flip, 3 of 8 colour operations (PIL ImageEnhance / ImageOps /
@@ -126,7 +126,7 @@ def main() -> None:
 
     def ours():
         gen = torch.Generator().manual_seed(0)
-        return paste_views(r_img, r_lab, d_img, d_lab, hm, views, generator=gen)
+        return paste_views(r_img, r_lab, d_img, d_lab, hm, views=views, generator=gen)
 
     def ours_paste_first():
         mixed = hard_paste(r_img, r_lab, d_img, d_lab, hm)

@@ -1,4 +1,4 @@
-"""IAS threshold update + selection + statistics: ours vs the reference approach (SPEC §8).
+"""IAS threshold update + selection + statistics: ours vs the reference approach.
 
 The reference (public IAST/HIAST pseudo-label step, re-created faithfully): confidences and
 predictions copied to the host; per class a Python list of float16 confidences (the previous

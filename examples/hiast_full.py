@@ -1,4 +1,4 @@
-"""The full HIAST pipeline (SPEC §1), end to end, resumable, on one or many devices.
+"""The full HIAST pipeline (method §1), end to end, resumable, on one or many devices.
 
     python examples/hiast_full.py                      # built-in synthetic city, CPU, ~10 min
     python examples/hiast_full.py --preset gta5 --source-root data/GTA5 --target-root data/cityscapes \\
@@ -156,7 +156,7 @@ class Config:
     oracle: bool = False  # synthetic only: train "source-only" on the labelled target train split
 
 
-#: Settings shared by the paper-scale presets (SPEC §1.3).
+#: Settings shared by the paper-scale presets (method §1.3).
 _PAPER_SCALE: dict[str, Any] = {
     "model": "resnet101",
     "bn_mode": "frozen",
@@ -661,7 +661,7 @@ def generate_pseudo_labels(
 
 
 def _update_class_values(values, seen, sel, num_classes):
-    """Class values (SPEC §3.1) for the non-IAS selectors: momentum 0.99 average of the mean
+    """Class values (method §3.1) for the non-IAS selectors: momentum 0.99 average of the mean
     confidence of the pixels selected as each class."""
     lab = sel.labels.flatten().cpu()
     conf = sel.confidence.flatten().double().cpu()
@@ -776,8 +776,8 @@ def self_train(
                 batch["donor_images"].to(device),
                 batch["donor_labels"].to(device),
                 hard_mask,
-                views,
                 batch["donor_valid"].to(device),
+                views=views,
                 generator=gen,
             )
         else:

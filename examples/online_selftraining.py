@@ -96,13 +96,13 @@ def run_variant(
             cfg.crop_size,
         )
         with torch.no_grad():
-            targets = ust.online_targets(teacher(normalize(t_img)), selector)
+            targets = ust.online_targets(teacher(normalize(t_img)), selector=selector)
         t_lab = targets.labels
         if opts["hpla"] and selector is not None and bool(selector.class_seen.any()):
             # Hard-aware copy-paste between this batch's target images (the next one is the donor).
             hard = class_difficulty(
                 selector.class_values.cpu(),
-                min(14, cfg.num_classes),
+                num_hard=min(14, cfg.num_classes),
                 has_donor=selector.class_seen.cpu(),
             ).hard_mask.to(device)
             pasted = hard_paste(

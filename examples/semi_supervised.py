@@ -67,10 +67,10 @@ def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, de
         if semi:
             images = next(unl_it)["image"].to(device)
             with torch.no_grad():
-                pseudo = ust.online_targets(teacher(normalize(images)), selector).labels
+                pseudo = ust.online_targets(teacher(normalize(images)), selector=selector).labels
             hard = class_difficulty(
                 selector.class_values.cpu(),
-                min(14, cfg.num_classes),
+                num_hard=min(14, cfg.num_classes),
                 has_donor=selector.class_seen.cpu(),
             ).hard_mask.to(device)
             v = paste_views(
@@ -79,7 +79,7 @@ def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, de
                 images.roll(1, 0).unsqueeze(1),
                 pseudo.roll(1, 0).unsqueeze(1),
                 hard,
-                views,
+                views=views,
                 generator=gen,
             )
             with torch.no_grad():

@@ -11,7 +11,7 @@ def softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
 
 
 class NumpyIAS:
-    """The IAS of SPEC §2, per class with np.quantile, float64."""
+    """The IAS of method §2, per class with np.quantile, float64."""
 
     def __init__(self, c: int, alpha: float, beta: float, gamma: float, fp16: bool = False):
         self.th = np.full(c, 0.9)

@@ -298,7 +298,7 @@ def test_paste_views_uint8_float_path_matches_native_path(monkeypatch):
 
     def run():
         return paste_views(
-            img, lab, dimg, dlab, hard, views, generator=torch.Generator().manual_seed(0)
+            img, lab, dimg, dlab, hard, views=views, generator=torch.Generator().manual_seed(0)
         )
 
     native = run()

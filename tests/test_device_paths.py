@@ -58,7 +58,7 @@ def _primitives():
                 torch.rand(7, generator=gen),
             )
         ],
-        "confusion": [confusion_matrix(labels.flip(1), labels, 6)],
+        "confusion": [confusion_matrix(labels.flip(1), labels, 6, out_of_range="wrong")],
         "classmix": [classmix_masks(labels, 6, generator=torch.Generator().manual_seed(0))],
         "equalize": [_equalize(torch.rand(2, 3, 8, 8, generator=gen))],
     }
@@ -115,7 +115,7 @@ def test_training_step_primitives_have_no_stray_host_tensors():
             v = views(images, [lab], generator=gen())
             assert v.weak.device == meta and v.strong.device == meta and v.weak.is_floating_point()
         v = paste_views(
-            img8, lab, img8.unsqueeze(1), lab.unsqueeze(1), hard, views, generator=gen()
+            img8, lab, img8.unsqueeze(1), lab.unsqueeze(1), hard, views=views, generator=gen()
         )
         assert all(t.device == meta for t in (v.weak, v.strong, *v.maps))
         strong = strong_colour(

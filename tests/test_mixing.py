@@ -12,7 +12,7 @@ def test_golden_probabilities_and_hard_set(golden):
     np.testing.assert_allclose(
         sampling_probabilities(v).numpy(), golden["hpla_sampling_probs"], rtol=1e-12
     )
-    d = class_difficulty(v, 14)
+    d = class_difficulty(v, num_hard=14)
     np.testing.assert_array_equal(d.hard_classes.numpy(), golden["hpla_hard_classes_k14"])
     q = golden["hpla_sampling_probs"][golden["hpla_hard_classes_k14"]]
     np.testing.assert_allclose(d.probabilities[d.hard_classes].numpy(), q / q.sum(), rtol=1e-12)
@@ -24,7 +24,7 @@ def test_synthia_absent_classes_and_no_donor_never_nan():
     v[[9, 14, 16]] = 0.0  # never observed: would be the "hardest" without exclusion
     has_donor = torch.ones(19, dtype=torch.bool)
     has_donor[2] = False
-    d = class_difficulty(v, 14, absent_classes=(9, 14, 16), has_donor=has_donor)
+    d = class_difficulty(v, num_hard=14, absent_classes=(9, 14, 16), has_donor=has_donor)
     assert torch.isfinite(d.probabilities).all()
     assert d.probabilities[[2, 9, 14, 16]].eq(0).all()
     assert len(d.hard_classes) == 14 and not d.hard_mask[[2, 9, 14, 16]].any()
@@ -33,21 +33,21 @@ def test_synthia_absent_classes_and_no_donor_never_nan():
 
 def test_fewer_eligible_than_k_and_none_eligible():
     v = torch.tensor([0.2, 0.5, 0.9])
-    d = class_difficulty(v, 14, absent_classes=(0,))
+    d = class_difficulty(v, num_hard=14, absent_classes=(0,))
     assert d.hard_classes.tolist() == [1, 2]
-    none = class_difficulty(v, 2, has_donor=torch.zeros(3, dtype=torch.bool))
+    none = class_difficulty(v, num_hard=2, has_donor=torch.zeros(3, dtype=torch.bool))
     assert none.hard_classes.numel() == 0 and none.probabilities.eq(0).all()
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="absent_classes"):
-        class_difficulty(torch.rand(3), 2, absent_classes=(5,))
+        class_difficulty(torch.rand(3), num_hard=2, absent_classes=(5,))
     with pytest.raises(ValueError, match="num_hard"):
-        class_difficulty(torch.rand(3), 0)
+        class_difficulty(torch.rand(3), num_hard=0)
     with pytest.raises(TypeError, match="floating-point"):
-        class_difficulty(torch.arange(3), 2)
+        class_difficulty(torch.arange(3), num_hard=2)
     with pytest.raises(ValueError, match="has_donor"):
-        class_difficulty(torch.rand(3), 2, has_donor=torch.ones(4, dtype=torch.bool))
+        class_difficulty(torch.rand(3), num_hard=2, has_donor=torch.ones(4, dtype=torch.bool))
 
 
 # --- class statistics, donor pools and files -------------------------------------------------
@@ -323,7 +323,9 @@ def test_paste_views_equals_paste_after_shared_geometry(device):
 
     img, lab, dimg, dlab, hard = _paste_inputs(device, n=4, d=2, h=32, w=64)
     views = WeakStrongViews((16, 32))
-    out = paste_views(img, lab, dimg, dlab, hard, views, generator=torch.Generator().manual_seed(2))
+    out = paste_views(
+        img, lab, dimg, dlab, hard, views=views, generator=torch.Generator().manual_seed(2)
+    )
     crop = out.crop
     _, (ref_lab,) = weak_geometry(img, crop, (16, 32), [lab])
     for k in range(2):
@@ -346,7 +348,7 @@ def test_paste_views_donors_of_another_size():
     img, lab, _, _, hard = _paste_inputs("cpu", n=2, d=1, h=32, w=64)
     dimg = torch.rand(2, 1, 3, 16, 32)
     dlab = torch.randint(0, 6, (2, 1, 16, 32))
-    out = paste_views(img, lab, dimg, dlab, hard, WeakStrongViews((8, 16)))
+    out = paste_views(img, lab, dimg, dlab, hard, views=WeakStrongViews((8, 16)))
     assert out.weak.shape == (2, 3, 8, 16) and out.maps[1].shape == (2, 8, 16)
 
 

@@ -113,7 +113,7 @@ def test_small_model_shapes_gradients_and_groups():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     groups = model.parameter_groups(1e-3)
     assert groups[1]["lr"] == pytest.approx(1e-2)
-    with pytest.raises(ValueError, match="input"):
+    with pytest.raises(ValueError, match="x must have shape"):
         model(torch.randn(2, 4, 8, 8))
 
 

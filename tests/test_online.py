@@ -84,7 +84,7 @@ def test_confidence_weight_matches_manual(device):
     with pytest.raises(ValueError, match="NaN"):
         confidence_weight(bad)
     with pytest.raises(ValueError, match="threshold"):
-        confidence_weight(logits, 1.5)
+        confidence_weight(logits, threshold=1.5)
     with pytest.raises(TypeError):
         confidence_weight(logits.long())
 
@@ -96,7 +96,7 @@ def test_pixel_weights_and_online_targets():
     plain = online_targets(logits)
     assert torch.equal(plain.labels, logits.argmax(1))
     sel = InstanceAdaptiveSelector(19)
-    t = online_targets(logits, sel)
+    t = online_targets(logits, selector=sel)
     picked = t.labels != 255
     assert torch.equal(t.labels[picked], plain.labels[picked])
     assert int(sel.num_instances) == 2  # the selector's state moved (online use)

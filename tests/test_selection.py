@@ -220,12 +220,12 @@ def test_constant_and_argmax_baselines():
     x = torch.randn(2, 4, 6, 6, generator=gen) * 3
     p = x.softmax(1)
     conf, pred = p.max(1)
-    ct = ConstantThresholdSelector(4, 0.9)(x)
+    ct = ConstantThresholdSelector(4, threshold=0.9)(x)
     assert torch.equal(ct.labels, torch.where(conf >= 0.9, pred, 255))
     am = ArgmaxSelector(4)(x)
     assert torch.equal(am.labels, pred)
     with pytest.raises(ValueError, match="threshold"):
-        ConstantThresholdSelector(4, 1.5)
+        ConstantThresholdSelector(4, threshold=1.5)
 
 
 def test_cbst_matches_numpy_percentile_within_bin_width():
@@ -250,7 +250,7 @@ def test_cbst_matches_numpy_percentile_within_bin_width():
 def test_cbst_unseen_class_threshold_is_one():
     h = torch.zeros(2, 10, dtype=torch.long)
     h[0, 3] = 5
-    assert cbst_thresholds(h, 0.5)[1].item() == 1.0
+    assert cbst_thresholds(h, proportion=0.5)[1].item() == 1.0
 
 
 def test_select_with_thresholds_and_ias_update_functional(device):

@@ -6,7 +6,9 @@ primitives into your own training loop:
 >>> import torch
 >>> import uda_selftrain as ust
 >>> selector = ust.InstanceAdaptiveSelector(num_classes=19)
->>> loss_fn = ust.HIASTLoss()
+>>> augmenter = ust.HardAwareAugmenter(num_classes=19, out_size=(512, 1024))
+>>> regularisation, consistency = ust.RegionAdaptiveLoss(), ust.ConsistencyLoss()
+>>> loss_fn = ust.HIASTLoss()  # CE + regularisation + 0.5 x consistency, fused
 """
 
 from ._checks import set_value_checks, value_checks
@@ -22,13 +24,18 @@ from .augment import (
     strong_colour,
     weak_geometry,
 )
+from .hard_aware import HardAwareAugmenter, HardAwareViews, batch_donors, hard_aware_augment
 from .losses import (
+    ConsistencyLoss,
     HIASTLoss,
     HIASTLossOutput,
+    RegionAdaptiveLoss,
+    RegionAdaptiveLossOutput,
     consistency_loss,
     entropy_loss,
     hiast_loss,
     pseudo_label_ce,
+    region_adaptive_loss,
     region_masks,
     smoothing_loss,
 )
@@ -36,6 +43,7 @@ from .metrics import (
     PROTOCOLS,
     ConfusionMatrix,
     confusion_matrix,
+    get_protocol,
     iou_from_confusion,
     miou,
     pixel_accuracy,
@@ -70,6 +78,7 @@ from .selection import (
     ConstantThresholdSelector,
     InstanceAdaptiveSelector,
     Selection,
+    Selector,
     cbst_thresholds,
     confidence_and_prediction,
     ias_update,
@@ -92,6 +101,7 @@ __all__ = [
     "ClassStatistics",
     "ColourParams",
     "ConfusionMatrix",
+    "ConsistencyLoss",
     "ConstantThresholdSelector",
     "CropParams",
     "DonorDraw",
@@ -99,14 +109,20 @@ __all__ = [
     "EMATeacher",
     "HIASTLoss",
     "HIASTLossOutput",
+    "HardAwareAugmenter",
     "HardAwarePaste",
+    "HardAwareViews",
     "InstanceAdaptiveSelector",
     "OnlineTargets",
     "PasteResult",
+    "RegionAdaptiveLoss",
+    "RegionAdaptiveLossOutput",
     "Selection",
+    "Selector",
     "Views",
     "WeakStrongViews",
     "__version__",
+    "batch_donors",
     "cbst_thresholds",
     "class_difficulty",
     "classmix",
@@ -119,7 +135,9 @@ __all__ = [
     "crop_params",
     "denormalize",
     "entropy_loss",
+    "get_protocol",
     "grouped_quantile",
+    "hard_aware_augment",
     "hard_paste",
     "hiast_loss",
     "ias_update",
@@ -132,6 +150,7 @@ __all__ = [
     "pixel_weights",
     "protocol_scores",
     "pseudo_label_ce",
+    "region_adaptive_loss",
     "region_masks",
     "sampling_probabilities",
     "select_argmax",

@@ -1,52 +1,64 @@
 """Input validation shared by the public primitives.
 
-Every public function validates at its boundary and raises one clear ``TypeError`` or
-``ValueError`` naming the argument, what was expected and what was received. Checks that would need
-the tensor's *values* (NaN/Inf, label range) cost a device-to-host synchronisation, so they are
-gated by :func:`set_value_checks` and are on by default; a training loop that has validated its data
-once may switch them off to keep the hot path free of syncs.
+Every public function validates at its boundary and raises one clear ``TypeError`` (wrong type or
+dtype) or ``ValueError`` (wrong shape, range, device or option) naming the argument, what was
+expected and what was received.
+
+Two kinds of checks:
+
+* **structural** (type, dtype, shape, device, options): free, always on;
+* **value** checks (NaN/Inf, label and prediction ranges, the image scale, probabilities that do
+  not sum to 1): each reads a result back to the host, i.e. one device synchronisation per check.
+  They are on by default. Switch them off where the data is known to be valid — for one block of
+  code with the thread-local context manager ``with value_checks(False): ...``, or as the
+  process-wide default with :func:`set_value_checks` — to keep a training step free of syncs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
 
-_VALUE_CHECKS = True
+_DEFAULT = True
+_LOCAL = threading.local()  # per-thread override set by value_checks()
 
 
 def set_value_checks(enabled: bool) -> None:
-    """Turn the value checks (NaN/Inf inputs, out-of-range labels) on or off globally.
+    """Set the process-wide default of the value checks (on initially).
 
-    They are on by default. Each costs one host synchronisation per call; shape and dtype checks
-    are free and always run.
+    A :func:`value_checks` block overrides it in its own thread.
 
     >>> set_value_checks(False); set_value_checks(True)
     """
-    global _VALUE_CHECKS
-    _VALUE_CHECKS = bool(enabled)
+    global _DEFAULT
+    _DEFAULT = bool(enabled)
 
 
 def value_checks_enabled() -> bool:
-    """Whether value checks (NaN/Inf, label range) currently run."""
-    return _VALUE_CHECKS
+    """Whether value checks (NaN/Inf, ranges; each a host sync) run in this thread now."""
+    override = getattr(_LOCAL, "enabled", None)
+    return _DEFAULT if override is None else override
 
 
 @contextlib.contextmanager
 def value_checks(enabled: bool) -> Iterator[None]:
-    """Context manager form of :func:`set_value_checks`.
+    """Turn the value checks on or off inside a ``with`` block, in this thread only.
 
-    >>> with value_checks(False):
-    ...     pass
+    Blocks nest, and other threads (e.g. data-loading threads) keep their own setting.
+
+    >>> import torch, uda_selftrain as ust
+    >>> with ust.value_checks(False):
+    ...     loss = ust.pseudo_label_ce(torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long))
     """
-    previous = _VALUE_CHECKS
-    set_value_checks(enabled)
+    previous = getattr(_LOCAL, "enabled", None)
+    _LOCAL.enabled = bool(enabled)
     try:
         yield
     finally:
-        set_value_checks(previous)
+        _LOCAL.enabled = previous
 
 
 def check_tensor(name: str, x: object) -> torch.Tensor:
@@ -68,7 +80,7 @@ def check_float(
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
-    if _VALUE_CHECKS and not bool(torch.isfinite(x).all()):
+    if value_checks_enabled() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
@@ -85,7 +97,7 @@ def check_labels(
         raise TypeError(f"{name} must be an integer tensor (int64 or uint8), got dtype {t.dtype}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if _VALUE_CHECKS and t.numel() > 0:
+    if value_checks_enabled() and t.numel() > 0:
         bad = (t != ignore_index) & ((t < 0) | (t >= num_classes))
         if bool(bad.any()):
             value = int(t[bad].flatten()[0])

@@ -1,4 +1,4 @@
-"""Weak and strong views for self-training, batched on the input's device (SPEC §1.4).
+"""Weak and strong views for self-training, batched on the input's device (method §1.4).
 
 - **Weak view**: horizontal flip (p 0.5) and a random-sized crop (height uniform in
   ``[341/1024, 1000/1024]`` of the image height, width = 2 × height, clipped to the image), resized
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_positive_int, check_tensor, check_unit_interval
+from ._checks import check_positive_int, check_tensor, check_unit_interval, value_checks_enabled
 from ._histogram import count
 
 __all__ = [
@@ -61,6 +61,29 @@ COLOUR_OPS = (
 )
 
 
+def check_image_scale(name: str, images: torch.Tensor) -> None:
+    """The image contract: uint8 in ``[0, 255]`` or floating point in ``[0, 1]``.
+
+    A float image on the 0-255 scale is the commonest silent mistake (it gives white strong views
+    and normalised values in the hundreds), so it is an error. Reading the range is a host sync and
+    runs only while value checks are on.
+    """
+    if images.dtype == torch.uint8:
+        return
+    if not images.is_floating_point():
+        raise TypeError(
+            f"{name} must be uint8 in [0, 255] or floating point in [0, 1], got {images.dtype}"
+        )
+    if value_checks_enabled() and images.numel():
+        lo, hi = torch.aminmax(images.detach())
+        lo, hi = float(lo), float(hi)
+        if not (lo >= -1e-3 and hi <= 1.0 + 1e-3):  # also false for NaN
+            hint = " (divide by 255, or pass uint8)" if hi > 1.5 else ""
+            raise ValueError(
+                f"{name} must be floating point in [0, 1] or uint8, got values in [{lo:g}, {hi:g}]{hint}"
+            )
+
+
 def _as_unit_float(name: str, images: object) -> torch.Tensor:
     x = check_tensor(name, images)
     if x.dim() != 4 or x.shape[1] != 3:
@@ -72,8 +95,18 @@ def _as_unit_float(name: str, images: object) -> torch.Tensor:
     return x
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """``(x − mean) / std`` with the ImageNet statistics, ``(N, 3, H, W)`` in ``[0, 1]`` (or uint8).
+def normalize(
+    images: torch.Tensor,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """``(x − mean) / std`` per channel, ImageNet's statistics by default.
+
+    Args:
+        images: ``(N, 3, H, W)`` uint8 in ``[0, 255]`` or float in ``[0, 1]``.
+        mean: RGB mean.
+        std: RGB standard deviation.
 
     >>> import torch
     >>> x = torch.rand(2, 3, 4, 4)
@@ -81,26 +114,61 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     True
     """
     x = _as_unit_float("images", images)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    check_image_scale("images", x)
+    m, sd = _check_mean_std(mean, std)
+    return _normalize_(x.clone(), m, sd)
 
 
-def _normalize_(x: torch.Tensor) -> torch.Tensor:
+def _normalize_(
+    x: torch.Tensor,
+    mean: Sequence[float] | None = IMAGENET_MEAN,
+    std: Sequence[float] | None = IMAGENET_STD,
+) -> torch.Tensor:
     # In place on a tensor this module owns: avoids a fresh (N, 3, h, w) allocation per view.
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    if mean is None or std is None:
+        return x
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize`: back to ``[0, 1]`` (clamped), for visualisation."""
+def _check_mean_std(
+    mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    if (mean is None) != (std is None):
+        raise ValueError("mean and std must both be given or both be None (no normalisation)")
+    if mean is None or std is None:
+        return None, None
+    m, s = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(m) != 3 or len(s) != 3:
+        raise ValueError(f"mean and std must hold 3 values (RGB), got {len(m)} and {len(s)}")
+    if not all(v > 0 and v == v and v != float("inf") for v in s):
+        raise ValueError(f"std must be positive and finite, got {s}")
+    return m, s
+
+
+def denormalize(
+    images: torch.Tensor,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """Inverse of :func:`normalize`: ``x · std + mean`` clamped to ``[0, 1]``, for visualisation.
+
+    >>> import torch
+    >>> [round(v, 3) for v in denormalize(torch.zeros(1, 3, 1, 1)).flatten().tolist()]
+    [0.485, 0.456, 0.406]
+    """
     x = check_tensor("images", images)
-    if not x.is_floating_point() or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"images must be a float (N, 3, H, W) tensor, got {tuple(x.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0.0, 1.0)
+    if not x.is_floating_point():
+        raise TypeError(f"images must be floating point (normalised), got {x.dtype}")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(x.shape)}")
+    m, sd = _check_mean_std(mean, std)
+    assert m is not None and sd is not None
+    mean_t = torch.tensor(m, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(sd, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * std_t + mean_t).clamp(0.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +199,7 @@ def crop_params(
 ) -> CropParams:
     """Draw the weak view's geometry for ``n`` images of size ``in_size = (H, W)``.
 
-    Crop height ``h ~ U(height_range) · H`` (the SPEC's 341–1000 of 1024), width ``min(aspect · h,
+    Crop height ``h ~ U(height_range) · H`` (the paper's 341–1000 of 1024), width ``min(aspect · h,
     W)``, position uniform inside the image. Draws on the CPU from ``generator``.
 
     >>> import torch
@@ -479,7 +547,17 @@ class Views(NamedTuple):
 
 
 class WeakStrongViews(nn.Module):
-    """Weak and strong views of a batch (SPEC §1.4), normalised with the ImageNet statistics.
+    """Weak and strong views of a batch (method §1.4), normalised with the ImageNet statistics.
+
+    Images must be uint8 in ``[0, 255]`` or float in ``[0, 1]`` (a float image on the 0-255 scale
+    raises ``ValueError`` while value checks are on). Both views come out normalised with ``mean``
+    and ``std`` (ImageNet's by default, what ImageNet-initialised backbones expect: train the
+    model on inputs normalised the same way); ``mean=None, std=None`` returns them in ``[0, 1]``.
+
+    The crop is ``height_range`` of the input height with width ``aspect`` × height, resized to
+    ``out_size``: on images much smaller than ``out_size`` this zooms in (e.g. 64 × 96 inputs and
+    the default ``(512, 1024)`` output zoom 5-16×), and a non-2:1 input loses the width it does not
+    fit, so choose ``out_size`` near the crop size your images give.
 
     Args:
         out_size: ``(h, w)`` output size (512 × 1024 in the paper).
@@ -488,6 +566,11 @@ class WeakStrongViews(nn.Module):
         flip_probability: horizontal flip probability (0.5).
         num_ops: colour operations drawn per sample (3).
         op_probability: probability of applying each drawn operation (0.5).
+        mean: RGB mean subtracted from both views (ImageNet's), or ``None`` with ``std=None``.
+        std: RGB standard deviation dividing both views (ImageNet's), or ``None``.
+
+    Shape:
+        images ``(N, 3, H, W)``, maps ``(N, H, W)`` → views ``(N, 3, h, w)``, maps ``(N, h, w)``.
 
     >>> import torch
     >>> views = WeakStrongViews((32, 64))
@@ -506,14 +589,35 @@ class WeakStrongViews(nn.Module):
         flip_probability: float = 0.5,
         num_ops: int = 3,
         op_probability: float = 0.5,
+        mean: Sequence[float] | None = IMAGENET_MEAN,
+        std: Sequence[float] | None = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self.out_size = (int(out_size[0]), int(out_size[1]))
-        self.height_range = height_range
-        self.aspect = aspect
-        self.flip_probability = flip_probability
+        if len(out_size) != 2:
+            raise ValueError(f"out_size must be (height, width), got {out_size!r}")
+        self.out_size = (
+            check_positive_int("out_size[0]", out_size[0]),
+            check_positive_int("out_size[1]", out_size[1]),
+        )
+        lo, hi = (float(v) for v in height_range)
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"height_range must satisfy 0 < low <= high <= 1, got {height_range}")
+        if not aspect > 0:
+            raise ValueError(f"aspect must be positive, got {aspect}")
+        self.height_range = (lo, hi)
+        self.aspect = float(aspect)
+        self.flip_probability = check_unit_interval("flip_probability", flip_probability)
+        if (
+            isinstance(num_ops, bool)
+            or not isinstance(num_ops, int)
+            or not 0 <= num_ops <= len(COLOUR_OPS)
+        ):
+            raise ValueError(
+                f"num_ops must be an integer in [0, {len(COLOUR_OPS)}], got {num_ops!r}"
+            )
         self.num_ops = num_ops
-        self.op_probability = op_probability
+        self.op_probability = check_unit_interval("op_probability", op_probability)
+        self.mean, self.std = _check_mean_std(mean, std)
 
     def extra_repr(self) -> str:
         return f"out_size={self.out_size}, num_ops={self.num_ops}"
@@ -543,9 +647,16 @@ class WeakStrongViews(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Views:
         x = check_tensor("images", images)
-        if x.dim() != 4:
+        if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(x.shape)}")
+        check_image_scale("images", x)
         crop, colour = self.draw(x.shape[0], (x.shape[2], x.shape[3]), generator)
         weak, out_maps = weak_geometry(x, crop, self.out_size, maps)
         strong = strong_colour(weak, colour)
-        return Views(_normalize_(weak), _normalize_(strong), out_maps, crop, colour)
+        return Views(
+            _normalize_(weak, self.mean, self.std),
+            _normalize_(strong, self.mean, self.std),
+            out_maps,
+            crop,
+            colour,
+        )

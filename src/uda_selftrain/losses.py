@@ -1,6 +1,6 @@
 """Self-training losses of HIAST: pseudo-label CE, region-adaptive regularisation, consistency.
 
-Regions (SPEC §4): the *confident* region ``I`` holds the pixels with a pseudo-label
+Regions (method §4): the *confident* region ``I`` holds the pixels with a pseudo-label
 (``labels ≠ ignore_index``), the *ignored* region ``Ī`` the rest. With ``p = softmax(logits)``:
 
 * pseudo-label CE on ``I``: ``mean_{i∈I} −log p_ŷ(i)``;
@@ -22,6 +22,7 @@ backward pass instead of storing activations, which keeps its peak memory low.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -30,12 +31,16 @@ from torch import nn
 from ._checks import check_finite, check_float, check_labels
 
 __all__ = [
+    "ConsistencyLoss",
     "HIASTLoss",
     "HIASTLossOutput",
+    "RegionAdaptiveLoss",
+    "RegionAdaptiveLossOutput",
     "consistency_loss",
     "entropy_loss",
     "hiast_loss",
     "pseudo_label_ce",
+    "region_adaptive_loss",
     "region_masks",
     "smoothing_loss",
 ]
@@ -56,12 +61,43 @@ def _check_inputs(
     x = _check_logits("logits", logits)
     n, c, h, w = x.shape
     y = check_labels("labels", labels, (n, h, w), c, ignore_index)
+    if y.device != x.device:
+        raise ValueError(f"labels must be on the logits' device {x.device}, got {y.device}")
     return x, y
 
 
 def _check_norm(normalization: str) -> None:
     if normalization not in ("reference", "pixel"):
         raise ValueError(f"normalization must be 'reference' or 'pixel', got {normalization!r}")
+
+
+def _check_region(name: str, region: str) -> None:
+    if region not in ("ignored", "confident", "all"):
+        raise ValueError(f"{name} must be 'ignored', 'confident' or 'all', got {region!r}")
+
+
+def _check_weight(name: str, value: object) -> float:
+    """A loss weight: a finite, non-negative real number (a NaN weight would poison the total)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be finite and non-negative, got {v}")
+    return v
+
+
+def _check_teacher(teacher_logits: object, student: torch.Tensor) -> torch.Tensor:
+    t = _check_logits("teacher_logits", teacher_logits)
+    if t.shape != student.shape:
+        raise ValueError(
+            f"teacher_logits must have the student's shape {tuple(student.shape)}, "
+            f"got {tuple(t.shape)}"
+        )
+    if t.device != student.device:
+        raise ValueError(
+            f"teacher_logits must be on the student's device {student.device}, got {t.device}"
+        )
+    return t.detach()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -203,19 +239,179 @@ def consistency_loss(
     0.3466
     """
     _check_norm(normalization)
+    _check_region("region", region)
     x, y = _check_inputs(logits, labels, ignore_index)
-    t = _check_logits("teacher_logits", teacher_logits)
-    if t.shape != x.shape:
-        raise ValueError(
-            f"teacher_logits must have the student's shape {tuple(x.shape)}, got {tuple(t.shape)}"
-        )
+    t = _check_teacher(teacher_logits, x)
     c = x.shape[1]
     mask = _region_mask(y, region, ignore_index)
     logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
-    q = torch.softmax(t.detach().to(logp.dtype), dim=1)
+    q = torch.softmax(t.to(logp.dtype), dim=1)
     per_pixel = -(q * logp).sum(1)
     scale = float(c) if normalization == "reference" else 1.0
     return (per_pixel * _region_weight(mask, scale, logp.dtype)).sum()
+
+
+class RegionAdaptiveLossOutput(NamedTuple):
+    """Output of :func:`region_adaptive_loss`: the weighted total and its two unweighted terms."""
+
+    total: torch.Tensor
+    smoothing: torch.Tensor
+    entropy: torch.Tensor
+
+
+def region_adaptive_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    smoothing_weight: float = 0.1,
+    entropy_weight: float = 1.0,
+    ignore_index: int = 255,
+    normalization: Normalization = "reference",
+) -> RegionAdaptiveLossOutput:
+    """Region-adaptive regularisation: smooth where there are pseudo-labels, sharpen elsewhere.
+
+    ``R = w_sm·R_c + w_ent·R_i`` with (``"reference"`` normalisation)
+
+    * ``R_c = Σ_{i∈I} Σ_c −(1/C) log p_c(i) / (C·|I|)`` on the confident region ``I``
+      (KL divergence to the uniform distribution without its constant), and
+    * ``R_i = Σ_{i∈Ī} Σ_c −p_c(i) log p_c(i) / (C·|Ī|)`` on the ignored region ``Ī`` (entropy).
+
+    The published weights are ``w_sm = 0.1`` and ``w_ent = 1.0`` (IAST used 3.0). An empty region
+    contributes 0. Both terms come from one log-softmax.
+
+    Args:
+        logits: ``(N, C, H, W)`` student logits (float16/bfloat16/float32/float64; reduced in at
+            least float32).
+        labels: ``(N, H, W)`` integer pseudo-labels, ``ignore_index`` where there is none.
+        smoothing_weight: ``w_sm``, finite and ≥ 0.
+        entropy_weight: ``w_ent``, finite and ≥ 0.
+        ignore_index: label of the pixels without a pseudo-label.
+        normalization: ``"reference"`` (÷ ``C·|R|``, the published code's) or ``"pixel"`` (÷ ``|R|``).
+
+    Returns:
+        :class:`RegionAdaptiveLossOutput` of scalars; ``total`` carries the gradient.
+
+    Shape:
+        logits ``(N, C, H, W)``, labels ``(N, H, W)`` → three scalars.
+
+    >>> import torch
+    >>> y = torch.tensor([[[0, 255]]])
+    >>> out = region_adaptive_loss(torch.zeros(1, 4, 1, 2), y)
+    >>> round(out.smoothing.item(), 4), round(out.entropy.item(), 4), round(out.total.item(), 4)
+    (0.3466, 0.3466, 0.3812)
+    """
+    _check_norm(normalization)
+    w_sm = _check_weight("smoothing_weight", smoothing_weight)
+    w_ent = _check_weight("entropy_weight", entropy_weight)
+    x, y = _check_inputs(logits, labels, ignore_index)
+    c = x.shape[1]
+    confident, ignored = region_masks(y, ignore_index)
+    logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
+    scale = float(c) if normalization == "reference" else 1.0
+    smoothing = ((-logp.sum(1) / c) * _region_weight(confident, scale, logp.dtype)).sum()
+    entropy = (-(logp.exp() * logp).sum(1) * _region_weight(ignored, scale, logp.dtype)).sum()
+    return RegionAdaptiveLossOutput(w_sm * smoothing + w_ent * entropy, smoothing, entropy)
+
+
+class RegionAdaptiveLoss(nn.Module):
+    """Module form of :func:`region_adaptive_loss`, holding its weights and options.
+
+    Args:
+        smoothing_weight: weight of the smoothing term on the confident region (0.1).
+        entropy_weight: weight of the entropy term on the ignored region (1.0).
+        ignore_index: label of the pixels without a pseudo-label.
+        normalization: ``"reference"`` or ``"pixel"``.
+
+    Shape:
+        logits ``(N, C, H, W)``, labels ``(N, H, W)`` → :class:`RegionAdaptiveLossOutput`.
+
+    >>> import torch
+    >>> loss = RegionAdaptiveLoss()
+    >>> x = torch.randn(2, 5, 8, 8, requires_grad=True)
+    >>> y = torch.randint(0, 5, (2, 8, 8)); y[:, :4] = 255
+    >>> out = loss(x, y); out.total.backward(); x.grad.shape
+    torch.Size([2, 5, 8, 8])
+    """
+
+    def __init__(
+        self,
+        *,
+        smoothing_weight: float = 0.1,
+        entropy_weight: float = 1.0,
+        ignore_index: int = 255,
+        normalization: Normalization = "reference",
+    ) -> None:
+        super().__init__()
+        _check_norm(normalization)
+        self.smoothing_weight = _check_weight("smoothing_weight", smoothing_weight)
+        self.entropy_weight = _check_weight("entropy_weight", entropy_weight)
+        self.ignore_index = int(ignore_index)
+        self.normalization: Normalization = normalization
+
+    def extra_repr(self) -> str:
+        return (
+            f"smoothing_weight={self.smoothing_weight}, entropy_weight={self.entropy_weight}, "
+            f"normalization={self.normalization!r}"
+        )
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> RegionAdaptiveLossOutput:
+        return region_adaptive_loss(
+            logits,
+            labels,
+            smoothing_weight=self.smoothing_weight,
+            entropy_weight=self.entropy_weight,
+            ignore_index=self.ignore_index,
+            normalization=self.normalization,
+        )
+
+
+class ConsistencyLoss(nn.Module):
+    """Module form of :func:`consistency_loss`: soft cross-entropy to an EMA teacher on a region.
+
+    Args:
+        region: ``"ignored"`` (HIAST: the pixels without a pseudo-label), ``"confident"`` or
+            ``"all"``.
+        ignore_index: label of the pixels without a pseudo-label.
+        normalization: ``"reference"`` (÷ ``C·|R|``) or ``"pixel"`` (÷ ``|R|``).
+
+    Shape:
+        logits ``(N, C, H, W)``, teacher_logits ``(N, C, H, W)``, labels ``(N, H, W)`` → scalar.
+
+    >>> import torch
+    >>> loss = ConsistencyLoss(region="all")
+    >>> x = torch.zeros(1, 4, 2, 2)
+    >>> round(loss(x, torch.zeros(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long)).item(), 4)
+    0.3466
+    """
+
+    def __init__(
+        self,
+        *,
+        region: Region = "ignored",
+        ignore_index: int = 255,
+        normalization: Normalization = "reference",
+    ) -> None:
+        super().__init__()
+        _check_region("region", region)
+        _check_norm(normalization)
+        self.region: Region = region
+        self.ignore_index = int(ignore_index)
+        self.normalization: Normalization = normalization
+
+    def extra_repr(self) -> str:
+        return f"region={self.region!r}, normalization={self.normalization!r}"
+
+    def forward(
+        self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return consistency_loss(
+            logits,
+            teacher_logits,
+            labels,
+            region=self.region,
+            ignore_index=self.ignore_index,
+            normalization=self.normalization,
+        )
 
 
 class _FusedHIAST(torch.autograd.Function):
@@ -301,7 +497,7 @@ def hiast_loss(
     ignore_index: int = 255,
     normalization: Normalization = "reference",
 ) -> HIASTLossOutput:
-    """The HIAST self-training objective, fused (SPEC §4–5, HIAST Eq. 9).
+    """The HIAST self-training objective, fused (method §4–5, HIAST Eq. 9).
 
     ``L = w_ce·CE_I + w_sm·R_c + w_ent·R_i + w_cst·R_cst`` with the published weights
     (1, 0.1, 1.0, 0.5). The terms equal :func:`pseudo_label_ce`, :func:`smoothing_loss`,
@@ -327,17 +523,16 @@ def hiast_loss(
     torch.Size([2, 5, 4, 4])
     """
     _check_norm(normalization)
+    _check_region("consistency_region", consistency_region)
+    ce_weight = _check_weight("ce_weight", ce_weight)
+    smoothing_weight = _check_weight("smoothing_weight", smoothing_weight)
+    entropy_weight = _check_weight("entropy_weight", entropy_weight)
+    consistency_weight = _check_weight("consistency_weight", consistency_weight)
     x, y = _check_inputs(logits, labels, ignore_index)
     c = x.shape[1]
     teacher = None
     if teacher_logits is not None and consistency_weight != 0.0:
-        teacher = _check_logits("teacher_logits", teacher_logits)
-        if teacher.shape != x.shape:
-            raise ValueError(
-                f"teacher_logits must have the student's shape {tuple(x.shape)}, "
-                f"got {tuple(teacher.shape)}"
-            )
-        teacher = teacher.detach()
+        teacher = _check_teacher(teacher_logits, x)
     confident, ignored = region_masks(y, ignore_index)
     scale = float(c) if normalization == "reference" else 1.0
     dtype = _compute_dtype(x)
@@ -355,7 +550,14 @@ def hiast_loss(
 
 
 class HIASTLoss(nn.Module):
-    """Module form of :func:`hiast_loss`, holding the weights and options.
+    """The HIAST objective as a composition: pseudo-label CE + :class:`RegionAdaptiveLoss` +
+    ``consistency_weight`` × :class:`ConsistencyLoss`.
+
+    ``L = w_ce·CE_I + (w_sm·R_c + w_ent·R_i) + w_cst·R_cst``. The parts are submodules
+    (``self.regularisation``, ``self.consistency``), so each can be inspected or called alone;
+    the forward pass evaluates them together through the fused kernel of :func:`hiast_loss`
+    (one log-softmax per image, recomputed in backward), which equals the sum of the parts in value
+    and gradient.
 
     Args:
         ce_weight: pseudo-label CE weight (published: 1.0).
@@ -366,11 +568,17 @@ class HIASTLoss(nn.Module):
         ignore_index: pseudo-label of unselected pixels.
         normalization: ``"reference"`` (÷ C·|R|, default) or ``"pixel"`` (÷ |R|).
 
+    Shape:
+        logits ``(N, C, H, W)``, labels ``(N, H, W)``, teacher_logits ``(N, C, H, W)`` or ``None``
+        → :class:`HIASTLossOutput` of scalars.
+
     >>> import torch
     >>> loss = HIASTLoss()
     >>> out = loss(torch.randn(1, 3, 4, 4), torch.full((1, 4, 4), 255), torch.randn(1, 3, 4, 4))
     >>> out.ce.item()
     0.0
+    >>> loss.regularisation, loss.consistency
+    (RegionAdaptiveLoss(smoothing_weight=0.1, entropy_weight=1.0, normalization='reference'), ConsistencyLoss(region='ignored', normalization='reference'))
     """
 
     def __init__(
@@ -385,25 +593,22 @@ class HIASTLoss(nn.Module):
         normalization: Normalization = "reference",
     ) -> None:
         super().__init__()
-        _check_norm(normalization)
-        if consistency_region not in ("ignored", "confident", "all"):
-            raise ValueError(
-                f"consistency_region must be 'ignored', 'confident' or 'all', got {consistency_region!r}"
-            )
-        self.ce_weight = float(ce_weight)
-        self.smoothing_weight = float(smoothing_weight)
-        self.entropy_weight = float(entropy_weight)
-        self.consistency_weight = float(consistency_weight)
-        self.consistency_region: Region = consistency_region
+        self.ce_weight = _check_weight("ce_weight", ce_weight)
+        self.consistency_weight = _check_weight("consistency_weight", consistency_weight)
+        self.regularisation = RegionAdaptiveLoss(
+            smoothing_weight=smoothing_weight,
+            entropy_weight=entropy_weight,
+            ignore_index=ignore_index,
+            normalization=normalization,
+        )
+        self.consistency = ConsistencyLoss(
+            region=consistency_region, ignore_index=ignore_index, normalization=normalization
+        )
         self.ignore_index = int(ignore_index)
         self.normalization: Normalization = normalization
 
     def extra_repr(self) -> str:
-        return (
-            f"ce={self.ce_weight}, smoothing={self.smoothing_weight}, entropy={self.entropy_weight}, "
-            f"consistency={self.consistency_weight} ({self.consistency_region}), "
-            f"normalization={self.normalization!r}"
-        )
+        return f"ce_weight={self.ce_weight}, consistency_weight={self.consistency_weight}"
 
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None
@@ -413,10 +618,10 @@ class HIASTLoss(nn.Module):
             labels,
             teacher_logits,
             ce_weight=self.ce_weight,
-            smoothing_weight=self.smoothing_weight,
-            entropy_weight=self.entropy_weight,
+            smoothing_weight=self.regularisation.smoothing_weight,
+            entropy_weight=self.regularisation.entropy_weight,
             consistency_weight=self.consistency_weight,
-            consistency_region=self.consistency_region,
+            consistency_region=self.consistency.region,
             ignore_index=self.ignore_index,
             normalization=self.normalization,
         )

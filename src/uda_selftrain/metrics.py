@@ -2,7 +2,7 @@
 
 The confusion matrix is one ``bincount`` on the input's device; :class:`ConfusionMatrix`
 accumulates it and all-reduces across ranks when asked for the scores (torchvision-references
-style). Protocols (SPEC §6):
+style). Protocols (method §6):
 
 * ``"cityscapes19"`` — mean over the 19 classes.
 * ``"synthia16"`` / ``"synthia13"`` — the papers' rescaled form: the 19-class IoU vector with the
@@ -18,11 +18,12 @@ style). Protocols (SPEC §6):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_tensor
+from ._checks import check_positive_int, check_tensor, value_checks_enabled
 from ._histogram import count
 from .distributed import all_reduce_sum
 
@@ -31,6 +32,7 @@ __all__ = [
     "ConfusionMatrix",
     "Protocol",
     "confusion_matrix",
+    "get_protocol",
     "iou_from_confusion",
     "miou",
     "pixel_accuracy",
@@ -73,38 +75,81 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
-def confusion_matrix(
-    prediction: torch.Tensor, target: torch.Tensor, num_classes: int, *, ignore_index: int = 255
-) -> torch.Tensor:
-    """``(C, C)`` int64 confusion matrix, rows = ground truth, columns = prediction.
+OutOfRange = Literal["error", "wrong"]
 
-    Pixels whose target is ``ignore_index`` (or outside ``[0, C)``) are skipped; a prediction
-    outside ``[0, C)`` is an error.
+
+def confusion_matrix(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int = 255,
+    out_of_range: OutOfRange = "error",
+) -> torch.Tensor:
+    """Confusion matrix, rows = ground truth, columns = prediction.
+
+    Pixels whose target is ``ignore_index`` (or outside ``[0, C)``) are skipped. A prediction
+    outside ``[0, C)`` (e.g. an unselected pseudo-label, 255) is never clamped into a class:
+
+    * ``out_of_range="error"`` (default): ``ValueError`` naming the value (a host sync, while value
+      checks are on; with them off such pixels are dropped);
+    * ``out_of_range="wrong"``: counted as a miss of the ground-truth class, in an extra last
+      column, so the matrix is ``(C, C + 1)``; :func:`iou_from_confusion`, :func:`pixel_accuracy`
+      and :func:`protocol_scores` accept that shape.
 
     Args:
         prediction: integer tensor of any shape (e.g. ``(N, H, W)``).
-        target: integer tensor of the same shape.
+        target: integer tensor of the same shape, on the same device.
+        num_classes: ``C``.
+
+    Returns:
+        ``(C, C)`` int64 (``(C, C + 1)`` with ``out_of_range="wrong"``).
 
     >>> import torch
     >>> confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 2).tolist()
     [[1, 1], [0, 1]]
+    >>> confusion_matrix(torch.tensor([0, 255]), torch.tensor([0, 1]), 2, out_of_range="wrong").tolist()
+    [[1, 0, 0], [0, 0, 1]]
     """
-    check_positive_int("num_classes", num_classes)
+    c = check_positive_int("num_classes", num_classes)
+    if out_of_range not in ("error", "wrong"):
+        raise ValueError(f"out_of_range must be 'error' or 'wrong', got {out_of_range!r}")
     p = check_tensor("prediction", prediction)
     t = check_tensor("target", target)
     for name, x in (("prediction", p), ("target", t)):
-        if x.is_floating_point() or x.dtype == torch.bool:
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got dtype {x.dtype}")
     if p.shape != t.shape:
         raise ValueError(
             f"prediction shape {tuple(p.shape)} differs from target shape {tuple(t.shape)}"
         )
+    if p.device != t.device:
+        raise ValueError(f"target must be on the prediction's device {p.device}, got {t.device}")
     t = t.reshape(-1).long()
     p = p.reshape(-1).long()
-    valid = (t >= 0) & (t < num_classes) & (t != ignore_index)
-    c2 = num_classes * num_classes
-    index = torch.where(valid, t * num_classes + p.clamp(0, num_classes - 1), c2)
-    return count(index, c2 + 1)[:c2].view(num_classes, num_classes)
+    valid = (t >= 0) & (t < c) & (t != ignore_index)
+    # One extra column collects the out-of-range predictions; one extra bin the skipped pixels.
+    cols = c + 1
+    size = c * cols
+    column = torch.where((p >= 0) & (p < c), p, c)
+    index = torch.where(valid, t * cols + column, size)
+    cm = count(index, size + 1)[:size].view(c, cols)
+    if out_of_range == "wrong":
+        return cm
+    if value_checks_enabled() and bool(cm[:, c].any()):
+        bad = p[valid & (column == c)][0]
+        raise ValueError(
+            f"prediction has value {int(bad)} outside [0, {c}); pass out_of_range='wrong' to count "
+            "such pixels as misses (e.g. when scoring pseudo-labels with unselected pixels)"
+        )
+    return cm[:, :c].contiguous()
+
+
+def _check_confusion(confusion: object) -> torch.Tensor:
+    cm = check_tensor("confusion", confusion)
+    if cm.dim() != 2 or cm.shape[1] not in (cm.shape[0], cm.shape[0] + 1):
+        raise ValueError(f"confusion must have shape (C, C) or (C, C + 1), got {tuple(cm.shape)}")
+    return cm
 
 
 def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
@@ -114,9 +159,12 @@ def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
     >>> iou_from_confusion(torch.tensor([[1, 1], [0, 1]])).tolist()
     [0.5, 0.5]
     """
-    cm = confusion.double()
+    cm = _check_confusion(confusion).double()
+    c = cm.shape[0]
     tp = cm.diagonal()
-    union = cm.sum(0) + cm.sum(1) - tp
+    # The optional last column (out-of-range predictions) adds to a class's misses, not to any
+    # class's false positives.
+    union = cm[:, :c].sum(0) + cm.sum(1) - tp
     return tp / union  # 0/0 = NaN marks a class that never appears
 
 
@@ -127,7 +175,7 @@ def pixel_accuracy(confusion: torch.Tensor) -> torch.Tensor:
     >>> pixel_accuracy(torch.tensor([[1, 1], [0, 1]])).item()
     0.6666666666666666
     """
-    cm = confusion.double()
+    cm = _check_confusion(confusion).double()
     return cm.diagonal().sum() / cm.sum().clamp(min=1)
 
 
@@ -144,6 +192,22 @@ def miou(confusion: torch.Tensor, classes: tuple[int, ...] | None = None) -> tor
     return iou.mean()
 
 
+def get_protocol(protocol: str | Protocol) -> Protocol:
+    """The :class:`Protocol` named ``protocol`` (or ``protocol`` itself).
+
+    >>> get_protocol("oxford9").num_classes
+    9
+    """
+    if isinstance(protocol, Protocol):
+        return protocol
+    try:
+        return PROTOCOLS[protocol]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}"
+        ) from None
+
+
 def protocol_scores(confusion: torch.Tensor, protocol: str | Protocol) -> dict[str, object]:
     """Scores of a confusion matrix under a named protocol (see the module docstring).
 
@@ -155,8 +219,9 @@ def protocol_scores(confusion: torch.Tensor, protocol: str | Protocol) -> dict[s
     >>> protocol_scores(cm, "synthia13")["miou"]
     1.0
     """
-    proto = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
-    if confusion.shape != (proto.num_classes, proto.num_classes):
+    proto = get_protocol(protocol)
+    _check_confusion(confusion)
+    if confusion.shape[0] != proto.num_classes:
         raise ValueError(
             f"protocol {proto.name!r} needs a {proto.num_classes}x{proto.num_classes} confusion "
             f"matrix, got {tuple(confusion.shape)}"
@@ -189,25 +254,39 @@ class ConfusionMatrix(nn.Module):
 
     matrix: torch.Tensor
 
-    def __init__(self, num_classes: int, *, ignore_index: int = 255, sync: bool = True) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        ignore_index: int = 255,
+        out_of_range: OutOfRange = "error",
+        sync: bool = True,
+    ) -> None:
         super().__init__()
         self.num_classes = check_positive_int("num_classes", num_classes)
+        if out_of_range not in ("error", "wrong"):
+            raise ValueError(f"out_of_range must be 'error' or 'wrong', got {out_of_range!r}")
         self.ignore_index = int(ignore_index)
+        self.out_of_range: OutOfRange = out_of_range
         self.sync = bool(sync)
-        self.register_buffer("matrix", torch.zeros(num_classes, num_classes, dtype=torch.int64))
+        cols = num_classes + (out_of_range == "wrong")
+        self.register_buffer("matrix", torch.zeros(num_classes, cols, dtype=torch.int64))
 
     def reset(self) -> None:
         self.matrix.zero_()
 
     @torch.no_grad()
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch: ``prediction`` and ``target`` integer tensors of the same shape."""
+        """Add a batch: ``prediction`` first, then ``target`` (integer tensors of one shape)."""
+        check_tensor("prediction", prediction)
+        check_tensor("target", target)
         self.matrix.add_(
             confusion_matrix(
                 prediction.to(self.matrix.device),
                 target.to(self.matrix.device),
                 self.num_classes,
                 ignore_index=self.ignore_index,
+                out_of_range=self.out_of_range,
             )
         )
 
@@ -216,7 +295,8 @@ class ConfusionMatrix(nn.Module):
         return all_reduce_sum(self.matrix) if self.sync else self.matrix.clone()
 
     def scores(self, protocol: str | Protocol | None = None) -> dict[str, object]:
-        """Scores under ``protocol`` (default: all classes of the matrix)."""
+        """Scores under ``protocol``; without one, the plain mean over all ``C`` classes (no
+        SYNTHIA-16/13 or Oxford-9 convention: name the protocol to report a paper's number)."""
         if protocol is None:
             protocol = Protocol("all", self.num_classes, tuple(range(self.num_classes)))
         return protocol_scores(self.compute(), protocol)

@@ -1,4 +1,4 @@
-"""Hard-aware pseudo-label augmentation (HPLA): class difficulty, donors and paste (SPEC §3).
+"""Hard-aware pseudo-label augmentation (HPLA): class difficulty, donors and paste (method §3).
 
 The *class value* ``v_c`` (momentum average of the mean confidence of the pixels selected as ``c``,
 kept by :class:`~uda_selftrain.selection.InstanceAdaptiveSelector`) measures how easy a class is.
@@ -38,6 +38,7 @@ from .augment import (
     WeakStrongViews,
     _normalize_,
     _to_unit,
+    check_image_scale,
     strong_colour,
     weak_geometry,
 )
@@ -54,6 +55,13 @@ __all__ = [
     "paste_views",
     "sampling_probabilities",
 ]
+
+
+def _check_class_values(class_values: object) -> torch.Tensor:
+    v = check_float("class_values", class_values, ndim=1, shape_hint="(C,)")
+    if value_checks_enabled() and v.numel() and not bool(((v >= 0) & (v <= 1)).all()):
+        raise ValueError(f"class_values must lie in [0, 1] (no NaN), got {v.tolist()}")
+    return v
 
 
 def sampling_probabilities(
@@ -73,7 +81,7 @@ def sampling_probabilities(
     >>> sampling_probabilities(torch.tensor([0.5, 0.0, 1.0])).tolist()
     [0.2, 0.8, 0.0]
     """
-    v = check_float("class_values", class_values, ndim=1, shape_hint="(C,)").double()
+    v = _check_class_values(class_values).double()
     weight = (1.0 - v.clamp(0.0, 1.0)) ** 2
     if mask is not None:
         weight = torch.where(mask.to(weight.device), weight, torch.zeros_like(weight))
@@ -98,8 +106,8 @@ class ClassDifficulty(NamedTuple):
 
 def class_difficulty(
     class_values: torch.Tensor,
-    num_hard: int = 14,
     *,
+    num_hard: int = 14,
     absent_classes: Sequence[int] = (),
     has_donor: torch.Tensor | None = None,
 ) -> ClassDifficulty:
@@ -119,7 +127,7 @@ def class_difficulty(
     >>> d.hard_classes.tolist(), [round(p, 3) for p in d.probabilities.tolist()]
     ([1, 2], [0.0, 0.754, 0.246, 0.0])
     """
-    v = check_float("class_values", class_values, ndim=1, shape_hint="(C,)")
+    v = _check_class_values(class_values)
     c = v.shape[0]
     check_positive_int("num_hard", num_hard)
     eligible = torch.ones(c, dtype=torch.bool, device=v.device)
@@ -142,7 +150,7 @@ def class_difficulty(
 
 
 # --------------------------------------------------------------------------------------------
-# Class statistics recorded while generating pseudo-labels (SPEC §3.1)
+# Class statistics recorded while generating pseudo-labels (method §3.1)
 # --------------------------------------------------------------------------------------------
 
 #: File names written by the public implementation's pseudo-label generation, kept so that
@@ -152,6 +160,28 @@ THRESHOLDS_FILE = "class_threshold.npy"
 CLASS_PIXELS_FILE = "statics_class.npy"
 SAMPLES_WITH_CLASS_FILE = "samples_with_class.json"
 SAMPLE_CLASS_STATS_FILE = "sample_class_stats.json"
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A 1-D float64 array from ``path``; a damaged file is an error naming it."""
+    try:
+        return np.load(path, allow_pickle=False).astype(np.float64).reshape(-1)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(
+            f"{path} is damaged or not a .npy array ({err}); delete the statistics folder and "
+            "generate the pseudo-labels again"
+        ) from None
+
+
+def _read_json(path: Path) -> object:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is damaged or not JSON ({err}); delete the statistics folder and generate "
+            "the pseudo-labels again"
+        ) from None
 
 
 class ClassStatistics:
@@ -204,6 +234,10 @@ class ClassStatistics:
             )
         if counts.shape[0] != len(names):
             raise ValueError(f"got {len(names)} names for {counts.shape[0]} rows of class_pixels")
+        if counts.numel() and bool((counts < 0).any()):
+            raise ValueError("class_pixels must be non-negative pixel counts")
+        if len(set(names)) != len(names):
+            raise ValueError("names must be unique: a sample is recorded once")
         for n in names:
             if n in self._index:
                 raise ValueError(f"sample {n!r} was already recorded")
@@ -270,12 +304,12 @@ class ClassStatistics:
         return torch.tensor([len(p) > 0 for p in self.donor_pools(drop_fraction)])
 
     def difficulty(
-        self, num_hard: int = 14, *, absent_classes: Sequence[int] = (), drop_fraction: float = 0.1
+        self, *, num_hard: int = 14, absent_classes: Sequence[int] = (), drop_fraction: float = 0.1
     ) -> ClassDifficulty:
         """:func:`class_difficulty` of these class values, excluding classes without donors."""
         return class_difficulty(
             self.class_values,
-            num_hard,
+            num_hard=num_hard,
             absent_classes=absent_classes,
             has_donor=self.has_donor(drop_fraction),
         )
@@ -323,24 +357,46 @@ class ClassStatistics:
                 f"{SAMPLES_WITH_CLASS_FILE} (and optionally {SAMPLE_CLASS_STATS_FILE}, "
                 f"{THRESHOLDS_FILE}, {CLASS_PIXELS_FILE}) in {folder}"
             )
-        values = np.load(values_path).astype(np.float64).reshape(-1)
+        values = _read_npy(values_path)
         c = int(num_classes) if num_classes is not None else values.shape[0]
         if values.shape[0] != c:
             raise ValueError(f"{values_path} holds {values.shape[0]} class values, expected {c}")
+        if not np.all((values >= 0) & (values <= 1)):
+            raise ValueError(
+                f"{values_path}: class values must lie in [0, 1] (no NaN), got {values}"
+            )
         rows: dict[str, dict[int, int]] = {}
         per_sample_path = folder / SAMPLE_CLASS_STATS_FILE
         with_class_path = folder / SAMPLES_WITH_CLASS_FILE
         if per_sample_path.is_file():
-            with open(per_sample_path) as f:
-                for entry in json.load(f):
+            entries = _read_json(per_sample_path)
+            try:
+                for entry in entries:
                     entry = dict(entry)
                     name = str(entry.pop("file"))
+                    if name in rows:
+                        raise ValueError(f"sample {name!r} is listed twice")
                     rows[name] = {int(k): int(n) for k, n in entry.items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise ValueError(
+                    f"{per_sample_path} is not a list of {{'file': name, '<class>': pixels}} "
+                    f"entries ({type(err).__name__}: {err}); delete the statistics folder and "
+                    "generate the pseudo-labels again"
+                ) from None
         elif with_class_path.is_file():
-            with open(with_class_path) as f:
-                for k, items in json.load(f).items():
+            table = _read_json(with_class_path)
+            try:
+                for k, items in table.items():
                     for name, n in items:
-                        rows.setdefault(str(name), {})[int(k)] = int(n)
+                        row = rows.setdefault(str(name), {})
+                        if int(k) in row:
+                            raise ValueError(f"sample {name!r} is listed twice for class {k}")
+                        row[int(k)] = int(n)
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise ValueError(
+                    f"{with_class_path} is not a {{class: [[name, pixels], ...]}} table "
+                    f"({type(err).__name__}: {err})"
+                ) from None
         else:
             raise FileNotFoundError(
                 f"neither {SAMPLE_CLASS_STATS_FILE} nor {SAMPLES_WITH_CLASS_FILE} found in {folder}"
@@ -350,18 +406,25 @@ class ClassStatistics:
             for k, n in counts.items():
                 if not 0 <= k < c:
                     raise ValueError(f"class {k} in {folder} is outside [0, {c})")
+                if n < 0:
+                    raise ValueError(f"negative pixel count {n} for class {k} in {folder}")
                 pixels[i, k] = n
         out = cls(c)
         out.add(list(rows), pixels)
         out.class_values = torch.from_numpy(values.copy())
         thresholds_path = folder / THRESHOLDS_FILE
         if thresholds_path.is_file():
-            out.thresholds = torch.from_numpy(np.load(thresholds_path).astype(np.float64))
+            thresholds = _read_npy(thresholds_path)
+            if thresholds.shape[0] != c:
+                raise ValueError(
+                    f"{thresholds_path} holds {thresholds.shape[0]} thresholds, expected {c}"
+                )
+            out.thresholds = torch.from_numpy(thresholds.copy())
         return out
 
 
 # --------------------------------------------------------------------------------------------
-# Donor sampling: index logic only, usable inside a Dataset (SPEC §3.2)
+# Donor sampling: index logic only, usable inside a Dataset (method §3.2)
 # --------------------------------------------------------------------------------------------
 
 
@@ -378,7 +441,7 @@ class DonorDraw(NamedTuple):
 
 
 class DonorSampler:
-    """Draws hard classes and donor samples for hard-aware copy-paste (SPEC §3.2).
+    """Draws hard classes and donor samples for hard-aware copy-paste (method §3.2).
 
     For each receiving sample: draw a hard class ``c ~ π`` (``π ∝ (1 − v)²`` over the hard set),
     a donor uniformly from ``c``'s pool; the donor covers every hard class it contains. Repeat, each
@@ -419,7 +482,7 @@ class DonorSampler:
         self.max_donors = check_positive_int("max_donors", max_donors)
         self.min_coverage = check_unit_interval("min_coverage", min_coverage)
         self.difficulty = stats.difficulty(
-            num_hard, absent_classes=absent_classes, drop_fraction=drop_fraction
+            num_hard=num_hard, absent_classes=absent_classes, drop_fraction=drop_fraction
         )
         self.pools = stats.donor_pools(drop_fraction)
         self.hard_mask = self.difficulty.hard_mask.cpu()
@@ -469,7 +532,7 @@ class DonorSampler:
 
 
 # --------------------------------------------------------------------------------------------
-# Batched paste on the device (SPEC §3.2)
+# Batched paste on the device (method §3.2)
 # --------------------------------------------------------------------------------------------
 
 
@@ -547,10 +610,8 @@ def hard_paste(
     hm = check_tensor("hard_mask", hard_mask)
     if hm.dtype != torch.bool or hm.dim() != 1:
         raise TypeError(f"hard_mask must be a (C,) bool tensor, got {tuple(hm.shape)} {hm.dtype}")
-    if donor_valid is not None and (
-        donor_valid.dtype != torch.bool or tuple(donor_valid.shape) != (n, d)
-    ):
-        raise ValueError(f"donor_valid must be a ({n}, {d}) bool tensor")
+    _check_donor_valid(donor_valid, n, d)
+    _check_same_images(img, dimg, [lab, dlab])
     if dimg.shape[-2:] != (h, w):
         dimg, dlab = _resize_donors(dimg, dlab, (h, w))
     # Lookup table over every possible label value: hard classes true, the rest (ignore) false.
@@ -572,6 +633,36 @@ def hard_paste(
         out_lab = torch.where(m, src_lab.to(lab.dtype), out_lab)
         pasted = torch.where(m, src_lab.to(lab.dtype), pasted)
     return PasteResult(out_img, out_lab, pasted)
+
+
+def _check_donor_valid(donor_valid: torch.Tensor | None, n: int, d: int) -> None:
+    if donor_valid is None:
+        return
+    check_tensor("donor_valid", donor_valid)
+    if donor_valid.dtype != torch.bool:
+        raise TypeError(f"donor_valid must be a bool tensor, got {donor_valid.dtype}")
+    if tuple(donor_valid.shape) != (n, d):
+        raise ValueError(f"donor_valid must have shape ({n}, {d}), got {tuple(donor_valid.shape)}")
+
+
+def _check_same_images(
+    images: torch.Tensor, donor_images: torch.Tensor, labels: Sequence[torch.Tensor]
+) -> None:
+    """Receivers and donors share dtype (a uint8/float mix pastes 0s or 204s) and device."""
+    if donor_images.dtype != images.dtype:
+        raise TypeError(
+            f"donor_images must have the images' dtype {images.dtype}, got {donor_images.dtype}"
+        )
+    for name, t in (
+        ("donor_images", donor_images),
+        *zip(("labels", "donor_labels"), labels, strict=True),
+    ):
+        if t.device != images.device:
+            raise ValueError(
+                f"{name} must be on the images' device {images.device}, got {t.device}"
+            )
+    check_image_scale("images", images)
+    check_image_scale("donor_images", donor_images)
 
 
 def _resize_donors(
@@ -637,9 +728,9 @@ def paste_views(
     donor_images: torch.Tensor,
     donor_labels: torch.Tensor,
     hard_mask: torch.Tensor,
-    views: WeakStrongViews,
     donor_valid: torch.Tensor | None = None,
     *,
+    views: WeakStrongViews,
     generator: torch.Generator | None = None,
     ignore_index: int = 255,
 ) -> Views:
@@ -658,8 +749,9 @@ def paste_views(
         donor_images: ``(N, D, 3, H', W')`` donors.
         donor_labels: ``(N, D, H', W')`` donor pseudo-labels.
         hard_mask: ``(C,)`` bool hard classes.
-        donor_valid: optional ``(N, D)`` bool, padding slots false.
-        views: the :class:`~uda_selftrain.augment.WeakStrongViews` to apply.
+        donor_valid: optional ``(N, D)`` bool, padding slots false (required when the donors
+            come from :meth:`DonorSampler.draw_batch`, whose padding would otherwise paste).
+        views: the :class:`~uda_selftrain.augment.WeakStrongViews` to apply (keyword-only).
         generator: draws the views' randomness.
 
     Returns:
@@ -670,7 +762,7 @@ def paste_views(
     >>> from uda_selftrain.augment import WeakStrongViews
     >>> out = paste_views(torch.rand(2, 3, 32, 64), torch.zeros(2, 32, 64, dtype=torch.long),
     ...                   torch.rand(2, 1, 3, 32, 64), torch.ones(2, 1, 32, 64, dtype=torch.long),
-    ...                   torch.tensor([False, True]), WeakStrongViews((16, 32)),
+    ...                   torch.tensor([False, True]), views=WeakStrongViews((16, 32)),
     ...                   generator=torch.Generator().manual_seed(0))
     >>> out.maps[0].unique().tolist(), out.maps[1].unique().tolist(), out.strong.shape
     ([1], [1], torch.Size([2, 3, 16, 32]))
@@ -686,6 +778,10 @@ def paste_views(
     n, _, h, w = img.shape
     if dimg.shape[0] != n or dlab.shape[:2] != dimg.shape[:2]:
         raise ValueError(f"donors must have batch size {n} and matching donor counts")
+    if not isinstance(views, WeakStrongViews):
+        raise TypeError(f"views must be a WeakStrongViews, got {type(views).__name__}")
+    _check_donor_valid(donor_valid, n, dimg.shape[1])
+    _check_same_images(img, dimg, [check_tensor("labels", labels), dlab])
     if dimg.shape[-2:] != (h, w):
         dimg, dlab = _resize_donors(dimg, dlab, (h, w))
     d = dimg.shape[1]
@@ -707,4 +803,10 @@ def paste_views(
     )
     weak = _to_unit(mixed.images)
     strong = strong_colour(weak, colour)
-    return Views(_normalize_(weak), _normalize_(strong), [mixed.labels, mixed.pasted], crop, colour)
+    return Views(
+        _normalize_(weak, views.mean, views.std),
+        _normalize_(strong, views.mean, views.std),
+        [mixed.labels, mixed.pasted],
+        crop,
+        colour,
+    )

@@ -20,8 +20,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_float, check_labels, check_tensor, check_unit_interval
+from ._checks import (
+    check_finite,
+    check_float,
+    check_labels,
+    check_positive_int,
+    check_tensor,
+    check_unit_interval,
+)
 from ._histogram import count
+from .selection import Selector
 
 __all__ = [
     "ClassMix",
@@ -57,9 +65,10 @@ def classmix_masks(
     >>> int(m[0].sum()) in (1, 2, 3), bool(m[1].any())
     (True, False)
     """
+    check_positive_int("num_classes", num_classes)
     lab = check_tensor("labels", labels)
-    if lab.dim() != 3:
-        raise ValueError(f"labels must have shape (N, H, W), got {tuple(lab.shape)}")
+    if lab.dim() != 3 or lab.shape[0] == 0:
+        raise ValueError(f"labels must have shape (N, H, W) with N >= 1, got {tuple(lab.shape)}")
     check_labels("labels", lab, lab.shape, num_classes, ignore_index)
     n = lab.shape[0]
     flat = lab.reshape(n, -1).long()
@@ -127,6 +136,21 @@ def classmix(
             raise ValueError(
                 f"{name} must be an integer tensor of shape {(n, h, w)}, got {tuple(t.shape)}"
             )
+    if source_images.dtype != target_images.dtype:
+        raise TypeError(
+            "source_images and target_images must share a dtype (a uint8/float mix pastes 0-255 "
+            f"values into [0, 1] images), got {source_images.dtype} and {target_images.dtype}"
+        )
+    for name, t in (
+        ("source_images", source_images),
+        ("source_labels", source_labels),
+        ("target_labels", target_labels),
+        ("mask", m),
+    ):
+        if t.device != target_images.device:
+            raise ValueError(
+                f"{name} must be on target_images' device {target_images.device}, got {t.device}"
+            )
     images = torch.where(m.unsqueeze(1), source_images, target_images)
     labels = torch.where(m, source_labels.to(target_labels.dtype), target_labels)
     return ClassMixResult(images, labels, m)
@@ -143,10 +167,10 @@ class ClassMix(nn.Module):
     (torch.Size([2, 3, 8, 8]), torch.bool)
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, *, ignore_index: int = 255) -> None:
         super().__init__()
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.ignore_index = int(ignore_index)
 
     def forward(
         self,
@@ -164,7 +188,7 @@ class ClassMix(nn.Module):
 
 
 def confidence_weight(
-    scores: torch.Tensor, threshold: float = 0.968, *, probabilities: bool = False
+    scores: torch.Tensor, *, threshold: float = 0.968, probabilities: bool = False
 ) -> torch.Tensor:
     """``(N,)`` fraction of each image's pixels whose confidence is at least ``threshold``.
 
@@ -213,8 +237,8 @@ class OnlineTargets(NamedTuple):
 @torch.no_grad()
 def online_targets(
     teacher_logits: torch.Tensor,
-    selector: nn.Module | None = None,
     *,
+    selector: Selector | None = None,
     threshold: float = 0.968,
 ) -> OnlineTargets:
     """Pseudo-labels of the EMA teacher for this step and their per-image weight.
@@ -225,11 +249,18 @@ def online_targets(
 
     >>> import torch
     >>> from uda_selftrain.selection import InstanceAdaptiveSelector
-    >>> t = online_targets(torch.randn(2, 19, 8, 8) * 5, InstanceAdaptiveSelector(19))
+    >>> t = online_targets(torch.randn(2, 19, 8, 8) * 5, selector=InstanceAdaptiveSelector(19))
     >>> t.labels.shape, t.weight.shape
     (torch.Size([2, 8, 8]), torch.Size([2]))
     """
     x = check_float("teacher_logits", teacher_logits, ndim=4, shape_hint="(N, C, H, W)")
+    check_finite("teacher_logits", x)
+    check_unit_interval("threshold", threshold)
+    if selector is not None and not isinstance(selector, Selector):
+        raise TypeError(
+            f"selector must implement uda_selftrain.Selector (e.g. InstanceAdaptiveSelector), got "
+            f"{type(selector).__name__}"
+        )
     p = torch.softmax(x.float(), dim=1)
     conf, pred = p.max(dim=1)
     weight = (conf >= threshold).float().mean(dim=(1, 2))

@@ -16,6 +16,13 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import (
+    check_finite,
+    check_float,
+    check_positive_int,
+    check_tensor,
+    value_checks_enabled,
+)
 from ._histogram import count
 from ._scratch import Scratch
 from .distributed import all_reduce_sum
@@ -129,7 +136,6 @@ def grouped_quantile(
     q: torch.Tensor,
     *,
     extra: torch.Tensor | None = None,
-    counts: torch.Tensor | None = None,
     sync: bool = False,
 ) -> torch.Tensor:
     """Per-group quantile with linear interpolation (numpy's default method), exact.
@@ -139,13 +145,11 @@ def grouped_quantile(
 
     Args:
         values: ``(M,)`` floating values in ``[0, 1]`` (confidences; clamped into that range).
-        groups: ``(M,)`` integer group of each value, in ``[0, num_groups)`` (not checked here:
-            this is an internal kernel; the public callers guarantee it).
+        groups: ``(M,)`` integer group of each value, in ``[0, num_groups)``.
         num_groups: ``G``.
         q: ``(G,)`` quantile level of each group, in ``[0, 1]``.
         extra: optional ``(G,)`` values in ``[0, 1]``, one extra sample per group (IAS adds the
             previous threshold).
-        counts: ignored (kept for compatibility: the counts are read off the level-1 histogram).
         sync: take the quantile of the union of all ranks' values (histograms all-reduced).
 
     Returns:
@@ -157,8 +161,32 @@ def grouped_quantile(
     >>> grouped_quantile(v, g, 2, torch.tensor([0.5, 0.25]))
     tensor([0.2000, 0.6000])
     """
+    v = check_float("values", values, ndim=1, shape_hint="(M,)")
+    g = check_tensor("groups", groups)
+    if g.is_floating_point() or g.is_complex() or g.dtype == torch.bool:
+        raise TypeError(f"groups must be an integer tensor, got dtype {g.dtype}")
+    if g.shape != v.shape:
+        raise ValueError(
+            f"groups must have the values' shape {tuple(v.shape)}, got {tuple(g.shape)}"
+        )
+    check_positive_int("num_groups", num_groups)
+    qq = check_float("q", q, ndim=1, shape_hint="(G,)")
+    if qq.shape[0] != num_groups:
+        raise ValueError(f"q must have shape ({num_groups},), got {tuple(qq.shape)}")
+    if extra is not None:
+        check_float("extra", extra, ndim=1, shape_hint="(G,)")
+        if extra.shape[0] != num_groups:
+            raise ValueError(f"extra must have shape ({num_groups},), got {tuple(extra.shape)}")
+    if value_checks_enabled():
+        if g.numel():
+            lo, hi = (int(x) for x in torch.aminmax(g))
+            if lo < 0 or hi >= num_groups:
+                raise ValueError(f"groups values must lie in [0, {num_groups}), got [{lo}, {hi}]")
+        if not bool(((qq >= 0) & (qq <= 1)).all()):
+            raise ValueError("q must lie in [0, 1]")
+        check_finite("values", v)
     # The kernel needs keys in [0, 1]; the internal callers guarantee it, the public one clamps.
-    values = values.to(torch.float32).clamp(0.0, 1.0)
+    values = v.to(torch.float32).clamp(0.0, 1.0)
     if extra is not None:
         extra = extra.to(torch.float32).clamp(0.0, 1.0)
     return _grouped_quantile(values, groups, num_groups, q, extra=extra, sync=sync)[0]

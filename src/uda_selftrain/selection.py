@@ -4,7 +4,7 @@ Every selector turns the segmentation network's scores on target images into pse
 ``(N, H, W)`` int64 with ``ignore_index`` (255) where a pixel is not selected.
 
 * :class:`InstanceAdaptiveSelector` / :func:`ias_update` and :func:`select_with_thresholds` —
-  per-class thresholds updated instance by instance (HIAST §3.2, IAST Eq. 4–6; SPEC §2).
+  per-class thresholds updated instance by instance (HIAST §3.2, IAST Eq. 4–6; method §2).
 * :class:`ConstantThresholdSelector` / :func:`select_constant` — one threshold for every class.
 * :class:`ArgmaxSelector` / :func:`select_argmax` — no threshold.
 * :class:`CBSTSelector` — one threshold per class fitted over the whole target set, keeping the top
@@ -17,7 +17,7 @@ Confidences are computed in float32 whatever the input dtype, so selectors work 
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ __all__ = [
     "ConstantThresholdSelector",
     "InstanceAdaptiveSelector",
     "Selection",
+    "Selector",
     "cbst_thresholds",
     "confidence_and_prediction",
     "ias_update",
@@ -82,6 +83,62 @@ def _check_scores(scores: object, num_classes: int | None = None) -> torch.Tenso
     return s
 
 
+def _check_prediction(
+    name: str, prediction: object, shape: torch.Size, num_classes: int, device: torch.device
+) -> torch.Tensor:
+    pred = check_tensor(name, prediction)
+    if pred.is_floating_point() or pred.is_complex() or pred.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {pred.dtype}")
+    if pred.shape != shape:
+        raise ValueError(
+            f"{name} must have the confidence's shape {tuple(shape)}, got {tuple(pred.shape)}"
+        )
+    if pred.device != device:
+        raise ValueError(f"{name} must be on the confidence's device {device}, got {pred.device}")
+    if value_checks_enabled() and pred.numel():
+        lo, hi = (int(v) for v in torch.aminmax(pred))
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} values must lie in [0, {num_classes}), got [{lo}, {hi}]")
+    return pred
+
+
+def _check_thresholds(thresholds: object, num_classes: int | None = None) -> torch.Tensor:
+    th = check_float("thresholds", thresholds, ndim=1, shape_hint="(C,)")
+    if num_classes is not None and th.shape[0] != num_classes:
+        raise ValueError(f"thresholds must have shape ({num_classes},), got {tuple(th.shape)}")
+    if value_checks_enabled() and th.numel() and not bool(((th >= 0) & (th <= 1)).all()):
+        raise ValueError(f"thresholds must lie in [0, 1], got {th.tolist()}")
+    return th
+
+
+def _check_scores_kind(scores: torch.Tensor, probabilities: bool) -> None:
+    """Catch logits passed as probabilities and the reverse, on a strided sample (cheap).
+
+    Softmax outputs passed as logits give confidences near 1/C, below every threshold: every
+    selector would keep nothing, silently.
+    """
+    if not value_checks_enabled() or scores.numel() == 0:
+        return
+    sample = scores[:1, :, ::16, ::16].float()
+    sums = sample.sum(1)
+    looks_like_probabilities = bool(
+        (sample.min() >= 0) & (sample.max() <= 1) & ((sums - 1).abs() <= 1e-3).all()
+    )
+    if probabilities and not looks_like_probabilities:
+        raise ValueError(
+            "scores were passed with probabilities=True but are not probabilities (NaN or Inf, "
+            "values outside [0, 1], or pixels whose values do not sum to 1 over the classes); "
+            "pass logits with probabilities=False"
+        )
+    # Logits summing to 1 at a few pixels happen in toy examples; at many sampled pixels, never.
+    if not probabilities and looks_like_probabilities and scores.shape[1] > 1 and sums.numel() >= 4:
+        raise ValueError(
+            "scores look like softmax probabilities (in [0, 1], summing to 1 over the classes) "
+            "but probabilities=False treats them as logits, which would select almost nothing; "
+            "pass probabilities=True"
+        )
+
+
 def _check_confidence(conf: torch.Tensor) -> None:
     # NaN/Inf anywhere in a pixel's scores makes its confidence NaN (or > 1), so checking the
     # (N, H, W) confidences is as strict as checking the (N, C, H, W) scores and C times cheaper.
@@ -112,6 +169,7 @@ def confidence_and_prediction(
     ([[[1]]], 0.7311)
     """
     s = _check_scores(scores)
+    _check_scores_kind(s, probabilities)
     if s.device.type == "cpu":
         conf, pred = _confidence_and_prediction_by_class(s, probabilities)
     else:
@@ -186,6 +244,13 @@ def select_with_thresholds(
     ...                        torch.tensor([0.9, 0.6]))
     tensor([[[  0, 255]]])
     """
+    conf = check_float("confidence", confidence)
+    th = _check_thresholds(thresholds)
+    _check_prediction("prediction", prediction, conf.shape, th.shape[0], conf.device)
+    if th.device != conf.device:
+        raise ValueError(
+            f"thresholds must be on the confidence's device {conf.device}, got {th.device}"
+        )
     per_pixel = thresholds.to(confidence.dtype).index_select(0, prediction.reshape(-1))
     keep = confidence >= per_pixel.view_as(confidence)
     return torch.where(keep, prediction.long(), ignore_index)
@@ -290,7 +355,7 @@ def ias_update(
     gamma: float = 8.0,
     sync: bool = True,
 ) -> torch.Tensor:
-    """One Instance Adaptive Selector threshold update from one instance (HIAST Eq. 3–4; SPEC §2).
+    """One Instance Adaptive Selector threshold update from one instance (HIAST Eq. 3–4; method §2).
 
     For each class ``c``: ``S_c = {θ_c} ∪ {conf(i) : pred(i) = c}``,
     ``ψ_c = quantile(S_c, 1 − α θ_c^γ)`` (linear interpolation, exact), then
@@ -315,7 +380,27 @@ def ias_update(
     >>> ias_update(conf, pred, torch.full((2,), 0.9), alpha=0.5, beta=0.9, gamma=8.0)
     tensor([0.9077, 0.8935])
     """
-    return _ias_update(confidence, prediction, thresholds, alpha, beta, gamma, sync)
+    alpha, beta, gamma = _check_ias_parameters(alpha, beta, gamma)
+    conf = check_float("confidence", confidence)
+    th = _check_thresholds(thresholds)
+    if th.device != conf.device:
+        raise ValueError(
+            f"thresholds must be on the confidence's device {conf.device}, got {th.device}"
+        )
+    _check_prediction("prediction", prediction, conf.shape, th.shape[0], conf.device)
+    if value_checks_enabled() and conf.numel() and not bool(((conf >= 0) & (conf <= 1)).all()):
+        raise ValueError("confidence must lie in [0, 1] (no NaN or Inf)")
+    return _ias_update(conf, prediction, th, alpha, beta, gamma, sync)
+
+
+def _check_ias_parameters(alpha: float, beta: float, gamma: float) -> tuple[float, float, float]:
+    a = check_unit_interval("alpha", alpha, open_low=True)
+    b = check_unit_interval("beta", beta, open_high=True)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
+    if not (math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"gamma must be finite and non-negative, got {gamma!r}")
+    return a, b, float(gamma)
 
 
 def _ias_update(
@@ -342,8 +427,8 @@ def _ias_update(
 
 def select_constant(
     scores: torch.Tensor,
-    threshold: float = 0.9,
     *,
+    threshold: float = 0.9,
     probabilities: bool = False,
     ignore_index: int = 255,
 ) -> Selection:
@@ -376,7 +461,7 @@ def select_argmax(scores: torch.Tensor, *, probabilities: bool = False) -> Selec
     return Selection(pred, conf, pred, counts)
 
 
-def cbst_thresholds(histogram: torch.Tensor, proportion: float = 0.2) -> torch.Tensor:
+def cbst_thresholds(histogram: torch.Tensor, *, proportion: float = 0.2) -> torch.Tensor:
     """CBST thresholds from per-class confidence histograms.
 
     Args:
@@ -391,7 +476,7 @@ def cbst_thresholds(histogram: torch.Tensor, proportion: float = 0.2) -> torch.T
 
     >>> import torch
     >>> h = torch.zeros(1, 10, dtype=torch.long); h[0, 5] = 8; h[0, 9] = 2
-    >>> cbst_thresholds(h, 0.2)
+    >>> cbst_thresholds(h, proportion=0.2)
     tensor([0.9000])
     """
     check_unit_interval("proportion", proportion, open_low=True)
@@ -411,7 +496,125 @@ def _check_granularity(granularity: str) -> Granularity:
     return granularity  # type: ignore[return-value]
 
 
-class InstanceAdaptiveSelector(nn.Module):
+@runtime_checkable
+class Selector(Protocol):
+    """What every selector implements: the same call, the same state.
+
+    ``selector(scores, probabilities=False)`` returns a :class:`Selection`; ``thresholds``
+    ``(C,)`` are the per-class thresholds in force (constant for the constant selector, 0 for
+    arg-max); ``class_values`` ``(C,)`` are the momentum-0.99 averages of each class's mean
+    selected confidence per image (what hard-aware copy-paste ranks classes by), ``class_pixels``
+    ``(C,)`` the selected pixels so far; ``reset()`` restores the initial state. Pipelines and
+    :func:`~uda_selftrain.online.online_targets` take any ``Selector``.
+
+    >>> import uda_selftrain as ust
+    >>> all(isinstance(s, ust.Selector) for s in (ust.InstanceAdaptiveSelector(3),
+    ...     ust.ConstantThresholdSelector(3), ust.ArgmaxSelector(3), ust.CBSTSelector(3)))
+    True
+    """
+
+    num_classes: int
+    ignore_index: int
+    thresholds: torch.Tensor
+    class_values: torch.Tensor
+    class_pixels: torch.Tensor
+
+    def __call__(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection: ...
+
+    def reset(self) -> None: ...
+
+
+class _SelectorState(nn.Module):
+    """The state every selector keeps (see :class:`Selector`) and its class-value update.
+
+    Class values live here and only here: a class's value starts at the mean confidence of the
+    pixels first selected as it and then follows ``v ← m·v + (1 − m)·mean`` per instance.
+    """
+
+    thresholds: torch.Tensor
+    class_values: torch.Tensor
+    class_seen: torch.Tensor
+    class_pixels: torch.Tensor
+    num_instances: torch.Tensor
+
+    def _init_state(
+        self,
+        num_classes: int,
+        initial_threshold: float,
+        *,
+        class_value_momentum: float,
+        ignore_index: int,
+        sync: bool,
+    ) -> None:
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.class_value_momentum = check_unit_interval(
+            "class_value_momentum", class_value_momentum
+        )
+        self.ignore_index = _check_ignore_index(ignore_index, num_classes)
+        self.sync = bool(sync)
+        self._initial_threshold = float(initial_threshold)
+        self.register_buffer("thresholds", torch.full((num_classes,), self._initial_threshold))
+        self.register_buffer("class_values", torch.zeros(num_classes))
+        self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("class_pixels", torch.zeros(num_classes, dtype=torch.int64))
+        self.register_buffer("num_instances", torch.zeros((), dtype=torch.int64))
+
+    def reset(self) -> None:
+        """Restore the initial state (initial thresholds, statistics to zero)."""
+        self.thresholds.fill_(self._initial_threshold)
+        self.class_values.zero_()
+        self.class_seen.zero_()
+        self.class_pixels.zero_()
+        self.num_instances.zero_()
+
+    def _update_class_values(self, counts: torch.Tensor, sums: torch.Tensor, sync: bool) -> None:
+        if sync:
+            counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)
+        present = counts > 0
+        mean = (sums / counts.clamp(min=1)).float()
+        m = self.class_value_momentum
+        updated = torch.where(self.class_seen, m * self.class_values + (1.0 - m) * mean, mean)
+        self.class_values.copy_(torch.where(present, updated, self.class_values))
+        self.class_seen.logical_or_(present)
+        self.class_pixels.add_(counts)
+        self.num_instances.add_(1)
+
+    def _record(self, selection: Selection) -> Selection:
+        """Update the class values image by image from a selection (the baselines' path)."""
+        counts, sums = selected_class_statistics(
+            selection.labels, selection.confidence, self.num_classes
+        )
+        sync = self.sync and is_distributed()
+        n = counts.shape[0]
+        if sync:
+            # Every rank takes part in as many updates as the rank with the most images.
+            n_max = int(all_reduce_max(torch.tensor([n], device=counts.device)).item())
+            pad = n_max - n
+            if pad:
+                counts = torch.cat([counts, counts.new_zeros(pad, self.num_classes)])
+                sums = torch.cat([sums, sums.new_zeros(pad, self.num_classes)])
+            n = n_max
+        for i in range(n):
+            self._update_class_values(counts[i], sums[i], sync)
+        return Selection(
+            selection.labels,
+            selection.confidence,
+            selection.prediction,
+            counts[: selection.labels.shape[0]],
+        )
+
+
+def _check_ignore_index(ignore_index: object, num_classes: int) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(
+            f"ignore_index must not be a class index in [0, {num_classes}), got {ignore_index}"
+        )
+    return ignore_index
+
+
+class InstanceAdaptiveSelector(_SelectorState):
     """Instance Adaptive Selector (IAS) with the class statistics hard-aware copy-paste needs.
 
     State (registered buffers, so ``state_dict()`` checkpoints it):
@@ -467,24 +670,16 @@ class InstanceAdaptiveSelector(nn.Module):
         sync: bool = True,
     ) -> None:
         super().__init__()
-        self.num_classes = check_positive_int("num_classes", num_classes)
-        self.alpha = check_unit_interval("alpha", alpha, open_low=True)
-        self.beta = check_unit_interval("beta", beta, open_high=True)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 0:
-            raise ValueError(f"gamma must be a non-negative number, got {gamma!r}")
-        self.gamma = float(gamma)
+        self.alpha, self.beta, self.gamma = _check_ias_parameters(alpha, beta, gamma)
         self.init_threshold = check_unit_interval("init_threshold", init_threshold)
-        self.class_value_momentum = check_unit_interval(
-            "class_value_momentum", class_value_momentum
-        )
         self.granularity = _check_granularity(granularity)
-        self.ignore_index = int(ignore_index)
-        self.sync = bool(sync)
-        self.register_buffer("thresholds", torch.full((num_classes,), float(init_threshold)))
-        self.register_buffer("class_values", torch.zeros(num_classes))
-        self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
-        self.register_buffer("class_pixels", torch.zeros(num_classes, dtype=torch.int64))
-        self.register_buffer("num_instances", torch.zeros((), dtype=torch.int64))
+        self._init_state(
+            num_classes,
+            self.init_threshold,
+            class_value_momentum=class_value_momentum,
+            ignore_index=ignore_index,
+            sync=sync,
+        )
         # CPU temporaries reused across calls: 17 bytes per pixel of the largest instance plus a
         # 2.5 MiB lookup table (for 19 classes).
         self._scratch = Scratch()
@@ -498,14 +693,6 @@ class InstanceAdaptiveSelector(nn.Module):
     def release_scratch(self) -> None:
         """Free the scratch memory a CPU selector keeps between calls (re-created when needed)."""
         self._scratch.release()
-
-    def reset(self) -> None:
-        """Restore the initial state (thresholds to ``init_threshold``, statistics to zero)."""
-        self.thresholds.fill_(self.init_threshold)
-        self.class_values.zero_()
-        self.class_seen.zero_()
-        self.class_pixels.zero_()
-        self.num_instances.zero_()
 
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
@@ -531,20 +718,10 @@ class InstanceAdaptiveSelector(nn.Module):
             prediction: ``(N, H, W)`` integer classes in ``[0, C)``.
         """
         conf = check_float("confidence", confidence, ndim=3, shape_hint="(N, H, W)").float()
-        pred = check_tensor("prediction", prediction)
-        if pred.is_floating_point() or pred.dtype == torch.bool:
-            raise TypeError(f"prediction must be an integer tensor, got dtype {pred.dtype}")
-        if pred.shape != conf.shape:
-            raise ValueError(
-                f"prediction must have the confidence's shape {tuple(conf.shape)}, got {tuple(pred.shape)}"
-            )
+        pred = _check_prediction(
+            "prediction", prediction, conf.shape, self.num_classes, conf.device
+        )
         _check_confidence(conf)
-        if value_checks_enabled() and pred.numel():
-            lo, hi = int(pred.min()), int(pred.max())
-            if lo < 0 or hi >= self.num_classes:
-                raise ValueError(
-                    f"prediction values must lie in [0, {self.num_classes}), got [{lo}, {hi}]"
-                )
         return self._select(conf, pred.long())
 
     def _select(self, conf: torch.Tensor, pred: torch.Tensor) -> Selection:
@@ -585,68 +762,108 @@ class InstanceAdaptiveSelector(nn.Module):
             self._update_class_values(group_counts.sum(0), group_sums.sum(0), sync)
         return Selection(labels, conf, pred, counts)
 
-    def _update_class_values(self, counts: torch.Tensor, sums: torch.Tensor, sync: bool) -> None:
-        if sync:
-            counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)
-        present = counts > 0
-        mean = (sums / counts.clamp(min=1)).float()
-        m = self.class_value_momentum
-        updated = torch.where(self.class_seen, m * self.class_values + (1.0 - m) * mean, mean)
-        self.class_values.copy_(torch.where(present, updated, self.class_values))
-        self.class_seen.logical_or_(present)
-        self.class_pixels.add_(counts)
-        self.num_instances.add_(1)
 
+class ConstantThresholdSelector(_SelectorState):
+    """Module form of :func:`select_constant`: one threshold for every class.
 
-class ConstantThresholdSelector(nn.Module):
-    """Module form of :func:`select_constant` (stateless apart from the threshold).
+    Args:
+        num_classes: ``C``.
+        threshold: the threshold, in ``[0, 1]`` (0.9 in the paper's comparison).
+        class_value_momentum: momentum of the class values (0.99).
+        ignore_index: label of unselected pixels.
+        sync: under a process group, class-value updates use every rank's image.
+
+    Shape:
+        scores ``(N, C, H, W)`` → :class:`Selection`.
 
     >>> import torch
-    >>> ConstantThresholdSelector(num_classes=2)(torch.zeros(1, 2, 2, 2)).labels.unique().tolist()
-    [255]
+    >>> sel = ConstantThresholdSelector(num_classes=2)
+    >>> sel(torch.zeros(1, 2, 2, 2)).labels.unique().tolist(), sel.thresholds.tolist()
+    ([255], [0.8999999761581421, 0.8999999761581421])
     """
 
     def __init__(
-        self, num_classes: int, threshold: float = 0.9, *, ignore_index: int = 255
+        self,
+        num_classes: int,
+        *,
+        threshold: float = 0.9,
+        class_value_momentum: float = 0.99,
+        ignore_index: int = 255,
+        sync: bool = True,
     ) -> None:
         super().__init__()
-        self.num_classes = check_positive_int("num_classes", num_classes)
         self.threshold = check_unit_interval("threshold", threshold)
-        self.ignore_index = int(ignore_index)
+        self._init_state(
+            num_classes,
+            self.threshold,
+            class_value_momentum=class_value_momentum,
+            ignore_index=ignore_index,
+            sync=sync,
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, threshold={self.threshold}"
 
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
         _check_scores(scores, self.num_classes)
-        return select_constant(
-            scores, self.threshold, probabilities=probabilities, ignore_index=self.ignore_index
+        return self._record(
+            select_constant(
+                scores,
+                threshold=self.threshold,
+                probabilities=probabilities,
+                ignore_index=self.ignore_index,
+            )
         )
 
 
-class ArgmaxSelector(nn.Module):
-    """Module form of :func:`select_argmax`.
+class ArgmaxSelector(_SelectorState):
+    """Module form of :func:`select_argmax`: every pixel takes its arg-max class (threshold 0).
+
+    Shape:
+        scores ``(N, C, H, W)`` → :class:`Selection`.
 
     >>> import torch
     >>> ArgmaxSelector(num_classes=2)(torch.tensor([[[[0.0]], [[1.0]]]])).labels.tolist()
     [[[1]]]
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        class_value_momentum: float = 0.99,
+        ignore_index: int = 255,
+        sync: bool = True,
+    ) -> None:
         super().__init__()
-        self.num_classes = check_positive_int("num_classes", num_classes)
+        self._init_state(
+            num_classes,
+            0.0,
+            class_value_momentum=class_value_momentum,
+            ignore_index=ignore_index,
+            sync=sync,
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}"
 
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
         _check_scores(scores, self.num_classes)
-        return select_argmax(scores, probabilities=probabilities)
+        return self._record(select_argmax(scores, probabilities=probabilities))
 
 
-class CBSTSelector(nn.Module):
+class CBSTSelector(_SelectorState):
     """Class-balanced self-training thresholds (CBST): one threshold per class over the target set.
 
     Usage is two passes: :meth:`observe` every target image (accumulates per-class confidence
     histograms of ``bins`` equal bins; all-reduced at :meth:`fit` under a process group), then
     :meth:`fit`, then call the module to select. The threshold keeps the top ``proportion`` of each
     class's confidences, to within ``1 / bins``.
+
+    Shape:
+        scores ``(N, C, H, W)`` → :class:`Selection`.
 
     >>> import torch
     >>> sel = CBSTSelector(num_classes=2)
@@ -656,27 +873,39 @@ class CBSTSelector(nn.Module):
     """
 
     histogram: torch.Tensor
-    thresholds: torch.Tensor
     fitted: torch.Tensor
 
     def __init__(
         self,
         num_classes: int,
-        proportion: float = 0.2,
         *,
+        proportion: float = 0.2,
         bins: int = 65536,
+        class_value_momentum: float = 0.99,
         ignore_index: int = 255,
         sync: bool = True,
     ) -> None:
         super().__init__()
-        self.num_classes = check_positive_int("num_classes", num_classes)
         self.proportion = check_unit_interval("proportion", proportion, open_low=True)
         self.bins = check_positive_int("bins", bins)
-        self.ignore_index = int(ignore_index)
-        self.sync = bool(sync)
+        self._init_state(
+            num_classes,
+            1.0,
+            class_value_momentum=class_value_momentum,
+            ignore_index=ignore_index,
+            sync=sync,
+        )
         self.register_buffer("histogram", torch.zeros(num_classes, bins, dtype=torch.int64))
-        self.register_buffer("thresholds", torch.ones(num_classes))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, proportion={self.proportion}, bins={self.bins}"
+
+    def reset(self) -> None:
+        """Forget the observed histograms and the fitted thresholds."""
+        super().reset()
+        self.histogram.zero_()
+        self.fitted.fill_(False)
 
     @torch.no_grad()
     def observe(self, scores: torch.Tensor, *, probabilities: bool = False) -> None:
@@ -692,7 +921,7 @@ class CBSTSelector(nn.Module):
     def fit(self) -> torch.Tensor:
         """Compute the thresholds from everything observed (on every rank's data); returns them."""
         hist = all_reduce_sum(self.histogram) if self.sync else self.histogram
-        self.thresholds.copy_(cbst_thresholds(hist, self.proportion))
+        self.thresholds.copy_(cbst_thresholds(hist, proportion=self.proportion))
         self.fitted.fill_(True)
         return self.thresholds.clone()
 
@@ -705,5 +934,4 @@ class CBSTSelector(nn.Module):
             )
         conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
         labels = select_with_thresholds(conf, pred, self.thresholds, ignore_index=self.ignore_index)
-        counts, _ = selected_class_statistics(labels, conf, self.num_classes)
-        return Selection(labels, conf, pred, counts)
+        return self._record(Selection(labels, conf, pred, labels.new_zeros(0)))

@@ -1,4 +1,4 @@
-"""Exponential-moving-average (mean) teacher (HIAST §3.4; SPEC §5).
+"""Exponential-moving-average (mean) teacher (HIAST §3.4; method §5).
 
 After every optimiser step ``θ̄ ← m θ̄ + (1 − m) θ`` with ``m = 0.999``; buffers (batch-norm
 statistics) are copied from the student (or averaged the same way, by option). The teacher runs in
@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._checks import check_unit_interval
+from ._checks import check_unit_interval, value_checks_enabled
 
 __all__ = ["EMATeacher", "unwrap_model"]
 
@@ -100,18 +100,54 @@ class EMATeacher(nn.Module):
         self.module.load_state_dict(unwrap_model(student).state_dict())
         self.step.zero_()
 
+    def _check_student(self, student: nn.Module) -> None:
+        """Same parameter and buffer names, shapes, dtypes and devices as the teacher (once per
+        student object: the check walks every tensor's metadata, reads no values)."""
+        key = id(student)
+        if getattr(self, "_checked_student", None) == key:
+            return
+        for kind, t_named, s_named in (
+            ("parameter", self.module.named_parameters(), student.named_parameters()),
+            ("buffer", self.module.named_buffers(), student.named_buffers()),
+        ):
+            t_map, s_map = dict(t_named), dict(s_named)
+            if t_map.keys() != s_map.keys():
+                missing = sorted(t_map.keys() - s_map.keys())[:3]
+                extra = sorted(s_map.keys() - t_map.keys())[:3]
+                raise ValueError(
+                    f"student is not the teacher's architecture: {kind} names differ "
+                    f"(missing {missing}, unexpected {extra})"
+                )
+            for name, t in t_map.items():
+                s = s_map[name]
+                if s.shape != t.shape or s.dtype != t.dtype or s.device != t.device:
+                    raise ValueError(
+                        f"student {kind} {name!r} is {tuple(s.shape)} {s.dtype} on {s.device}, "
+                        f"the teacher's {tuple(t.shape)} {t.dtype} on {t.device} (cast or move "
+                        "the teacher with the student, e.g. teacher.to(device))"
+                    )
+        self._checked_student = key
+
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        """One EMA step towards ``student``; call after every optimiser step."""
+        """One EMA step towards ``student``; call after every optimiser step.
+
+        While value checks are on, a student with NaN or Inf weights is an error (one host sync)
+        instead of being averaged into the teacher.
+        """
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
         student = unwrap_model(student)
+        self._check_student(student)
         m = self.current_momentum()
         t_params = list(self.module.parameters())
         s_params = list(student.parameters())
-        if len(t_params) != len(s_params):
-            raise ValueError(
-                f"student has {len(s_params)} parameters but the teacher has {len(t_params)}: "
-                "not the same architecture"
-            )
+        if value_checks_enabled() and s_params:
+            floats = [p.detach() for p in s_params if p.is_floating_point()]
+            # A NaN or Inf anywhere makes that tensor's norm non-finite: one fused reduction.
+            norms = torch._foreach_norm(floats) if floats else []
+            if norms and not bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+                raise ValueError("student has NaN or Inf parameters: not averaged into the teacher")
         float_t = [t for t in t_params if t.is_floating_point()]
         float_s = [
             s.detach() for t, s in zip(t_params, s_params, strict=True) if t.is_floating_point()

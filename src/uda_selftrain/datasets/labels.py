@@ -1,4 +1,4 @@
-"""Label protocols: class names, id maps, the Cityscapes palette, colourising (SPEC §6).
+"""Label protocols: class names, id maps, the Cityscapes palette, colourising (method §6).
 
 Everything here is plain numpy/torch (no image library). Maps are applied through a lookup table,
 so a whole label image is converted in one indexing operation.

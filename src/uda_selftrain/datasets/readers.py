@@ -1,4 +1,4 @@
-"""``torch.utils.data.Dataset`` readers for GTA5, SYNTHIA, Cityscapes and Oxford RobotCar (SPEC §6).
+"""``torch.utils.data.Dataset`` readers for GTA5, SYNTHIA, Cityscapes and Oxford RobotCar (method §6).
 
 Every reader discovers its files from the dataset's standard layout (or from an optional
 split-list file of relative paths), checks that each image has its label, maps label ids to train

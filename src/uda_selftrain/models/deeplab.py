@@ -10,7 +10,7 @@ so the public checkpoints and torchvision's ImageNet weights load by name
 ``deeplabv2_small``: the same design with basic blocks, widths 16–128 and one block per stage,
 which trains on a 2-core CPU in minutes (the synthetic-city default).
 
-Batch norm (SPEC §1.5): ``bn_mode="frozen"`` (default) keeps every BN layer in eval mode with its
+Batch norm (method §1.5): ``bn_mode="frozen"`` (default) keeps every BN layer in eval mode with its
 affine parameters fixed, whatever ``model.train()`` says; ``"public"`` fixes the affine parameters but
 keeps updating running statistics in training mode (the public implementation's behaviour);
 ``"train"`` is ordinary batch norm.
@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._checks import check_positive_int, check_tensor
 
 __all__ = ["ASPP", "DeepLabV2", "ResNet", "deeplabv2_resnet101", "deeplabv2_small"]
 
@@ -191,6 +193,7 @@ class DeepLabV2(nn.Module):
         super().__init__()
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        check_positive_int("num_classes", num_classes)
         self.backbone = backbone
         self.aspp = ASPP(backbone.out_channels, num_classes, dilations)
         self.num_classes = num_classes
@@ -214,13 +217,19 @@ class DeepLabV2(nn.Module):
         return self.aspp(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x)
+        if not x.is_floating_point():
+            raise TypeError(
+                f"x must be a float tensor of normalised images, got {x.dtype} (convert uint8 "
+                "images with uda_selftrain.normalize)"
+            )
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"input must have shape (N, 3, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"x must have shape (N, 3, H, W), got {tuple(x.shape)}")
         out = self.logits(x)
         return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def parameter_groups(self, lr: float, head_multiplier: float = 10.0) -> list[dict]:
-        """Optimiser groups: backbone at ``lr``, the head at ``lr × head_multiplier`` (SPEC §1.3)."""
+        """Optimiser groups: backbone at ``lr``, the head at ``lr × head_multiplier`` (method §1.3)."""
         return [
             {
                 "params": [p for p in self.backbone.parameters() if p.requires_grad],
@@ -255,6 +264,7 @@ def deeplabv2_small(num_classes: int = 19, *, bn_mode: str = "train", width: int
     >>> m(torch.zeros(1, 3, 48, 96)).shape
     torch.Size([1, 19, 48, 96])
     """
+    check_positive_int("width", width)
     widths = (width, 2 * width, 4 * width, 8 * width)
     backbone = ResNet(BasicBlock, [1, 1, 1, 1], widths=widths, stem=width)
     return DeepLabV2(backbone, num_classes, dilations=(1, 2, 3, 4), bn_mode=bn_mode)

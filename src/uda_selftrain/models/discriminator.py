@@ -1,4 +1,4 @@
-"""The AdaptSegNet output-space discriminator (SPEC §1.1)."""
+"""The AdaptSegNet output-space discriminator (method §1.1)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import itertools
 
 import torch
 from torch import nn
+
+from .._checks import check_float, check_positive_int
 
 __all__ = ["FCDiscriminator"]
 
@@ -23,6 +25,8 @@ class FCDiscriminator(nn.Module):
 
     def __init__(self, num_classes: int, ndf: int = 64) -> None:
         super().__init__()
+        check_positive_int("num_classes", num_classes)
+        check_positive_int("ndf", ndf)
         chans = [num_classes, ndf, ndf * 2, ndf * 4, ndf * 8]
         layers: list[nn.Module] = []
         for a, b in itertools.pairwise(chans):
@@ -31,4 +35,5 @@ class FCDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_float("x", x, ndim=4, shape_hint="(N, C, H, W) class probabilities")
         return self.net(x)
