@@ -37,11 +37,19 @@ except ImportError:  # pragma: no cover
 RUNTIME_KEYS = {"device", "workers", "run_dir", "quiet", "data_dir", "eval_only", "amp_dtype"}
 
 
-def check_run_config(run_dir: Path, config: dict[str, Any]) -> None:
-    """Write ``config.json`` in a new run folder; refuse a different configuration in an old one."""
+def check_run_config(
+    run_dir: Path, config: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> None:
+    """Write ``config.json`` in a new run folder; refuse a different configuration in an old one.
+
+    An option added after a run folder was made is no difference when this command leaves it at
+    its default (``defaults``): such runs resume.
+    """
     path = run_dir / "config.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        for k, v in (defaults or {}).items():
+            old.setdefault(k, v)
         diff = {
             k: (old.get(k), config.get(k))
             for k in sorted(set(old) | set(config))

@@ -141,6 +141,9 @@ class Config:
     consistency_weight: float = 0.5
     ema_momentum: float = 0.999
     bn_mode: str = "train"
+    # guards against minority-class collapse (off by default: the paper's behaviour)
+    source_weight: float = 0.0  # keep source CE (this weight) in every self-training step
+    min_threshold: float = 0.0  # floor under the IAS thresholds
     # run
     seed: int = 0
     amp: bool = False
@@ -520,6 +523,7 @@ def build_selector(cfg: Config, device: torch.device) -> nn.Module:
             beta=cfg.beta,
             gamma=cfg.gamma,
             granularity="batch" if cfg.pl_batch > 1 else "image",
+            min_threshold=cfg.min_threshold,
         ).to(device)
     if cfg.selector == "constant":
         return ust.ConstantThresholdSelector(cfg.num_classes, threshold=cfg.constant_threshold).to(
@@ -565,8 +569,6 @@ def generate_pseudo_labels(
     model.eval()
     selector = build_selector(cfg, device)
     stats = ClassStatistics(cfg.num_classes)
-    values = torch.zeros(cfg.num_classes, dtype=torch.float64)
-    seen = torch.zeros(cfg.num_classes, dtype=torch.bool)
     # Each step, rank r takes images [base + r·b, base + (r + 1)·b) with b = pl_batch, and the
     # synchronised selector updates θ once on the union over ranks: the same as one process
     # taking pl_batch × world_size images per update.
@@ -584,7 +586,7 @@ def generate_pseudo_labels(
         st = torch.load(state_path, map_location=device, weights_only=False)
         selector.load_state_dict(st["selector"])
         stats.add(st["names"], st["pixels"])
-        values, seen, start = st["values"], st["seen"], st["step"]
+        start = st["step"]
         labelled_pixels = st["labelled_pixels"]
     if cfg.selector == "cbst" and start == 0:
         for step in progress(range(n_steps), total=n_steps, desc="cbst fit", quiet=cfg.quiet):
@@ -597,7 +599,7 @@ def generate_pseudo_labels(
     )
     for step in range(start, n_steps):
         items = items_of(step)
-        if not items and not (cfg.selector == "ias" and is_distributed()):
+        if not items and not is_distributed():
             bar.update()
             continue
         # An empty batch still takes part in the synchronised update (ranks without images).
@@ -607,8 +609,6 @@ def generate_pseudo_labels(
         if items:
             labelled_pixels += sel.labels.numel()
             stats.add([item["name"] for item in items], sel.class_pixels.cpu())
-            if cfg.selector != "ias":
-                values, seen = _update_class_values(values, seen, sel, cfg.num_classes)
         bar.update()
         if (step + 1) % 50 == 0 and step + 1 < n_steps:
             atomic_torch_save(
@@ -617,21 +617,13 @@ def generate_pseudo_labels(
                     "selector": selector.state_dict(),
                     "names": stats.names,
                     "pixels": stats.sample_class_pixels,
-                    "values": values,
-                    "seen": seen,
                     "step": step + 1,
                     "labelled_pixels": labelled_pixels,
                 },
             )
     bar.close()
-    if cfg.selector == "ias":
-        stats.class_values = selector.class_values.detach().double().cpu()
-        stats.thresholds = selector.thresholds.detach().double().cpu()
-    else:
-        stats.class_values = values
-        thr = getattr(selector, "thresholds", getattr(selector, "threshold", None))
-        if thr is not None:
-            stats.thresholds = torch.as_tensor(thr).double().cpu().expand(cfg.num_classes).clone()
+    stats.class_values = selector.class_values.detach().double().cpu()
+    stats.thresholds = selector.thresholds.detach().double().cpu()
     stats = _gather_statistics(stats)
     total = int(all_reduce_sum(torch.tensor([labelled_pixels], device=device)).item())
     if is_main_process():
@@ -645,6 +637,7 @@ def generate_pseudo_labels(
                 "images": len(stats),
                 "selected_fraction": fraction,
                 "selected_pixels_per_image": selected / max(1, len(stats)),
+                "total_pixels": total,
             },
         )
         log(
@@ -658,22 +651,6 @@ def generate_pseudo_labels(
     barrier()
     state_path.unlink(missing_ok=True)
     return ClassStatistics.load(stats_dir, cfg.num_classes)
-
-
-def _update_class_values(values, seen, sel, num_classes):
-    """Class values (method §3.1) for the non-IAS selectors: momentum 0.99 average of the mean
-    confidence of the pixels selected as each class."""
-    lab = sel.labels.flatten().cpu()
-    conf = sel.confidence.flatten().double().cpu()
-    keep = lab != 255
-    sums = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, lab[keep], conf[keep])
-    counts = torch.bincount(lab[keep], minlength=num_classes).double()
-    present = counts > 0
-    mean = sums / counts.clamp(min=1)
-    values = torch.where(
-        present & seen, 0.99 * values + 0.01 * mean, torch.where(present, mean, values)
-    )
-    return values, seen | present
 
 
 def _gather_statistics(stats: ClassStatistics) -> ClassStatistics:
@@ -699,6 +676,7 @@ def self_train(
     k: int,
     student: nn.Module,
     target: Any,
+    source: Dataset,
     stats: ClassStatistics,
     device: torch.device,
     log: MetricsLog,
@@ -753,8 +731,20 @@ def self_train(
         scaler=amp.scaler,
     )
     start = state["iteration"] if state else 0
+    # Pixels pasted per class this round (on the device, read once at the end): diagnostics.
+    pasted_pixels = torch.zeros(cfg.num_classes, dtype=torch.int64, device=device)
     if state:
         gen.set_state(state["generator"])
+        pasted_pixels.copy_(state.get("pasted_pixels", pasted_pixels))
+    src_batches = None
+    if cfg.source_weight > 0:
+        src_batches = iter(
+            loader(
+                source,
+                IterationBatches(len(source), cfg.batch_size, total, start, cfg.seed + 20 * k),
+                cfg,
+            )
+        )
     data.set_epoch(epoch_of(start, cfg.batch_size, len(data)))
     batches = iter(
         loader(
@@ -783,6 +773,8 @@ def self_train(
         else:
             v = views(images, [labels], generator=gen)
         y = v.maps[0].long()
+        if sampler is not None:
+            pasted_pixels += ust.class_counts(v.maps[1], cfg.num_classes)
         with amp.autocast():
             logits = net(v.strong)
             teacher_logits = None
@@ -792,8 +784,13 @@ def self_train(
             out = loss_fn(
                 logits.float(), y, None if teacher_logits is None else teacher_logits.float()
             )
+            total_loss = out.total
+            if src_batches is not None:
+                xs, ys = source_batch(next(src_batches), cfg, device, gen)
+                src_ce = F.cross_entropy(net(xs).float(), ys, ignore_index=255)
+                total_loss = total_loss + cfg.source_weight * src_ce
         opt.zero_grad(set_to_none=True)
-        amp.step(out.total, opt)
+        amp.step(total_loss, opt)
         sched.step()
         teacher.update(student)
         bar.update()
@@ -814,6 +811,7 @@ def self_train(
                 ckpt,
                 iteration=it + 1,
                 generator=gen.get_state(),
+                pasted_pixels=pasted_pixels,
                 model=student,
                 teacher=teacher,
                 optimizer=opt,
@@ -821,7 +819,9 @@ def self_train(
                 scaler=amp.scaler,
             )
     bar.close()
+    pasted_total = all_reduce_sum(pasted_pixels).tolist()
     if is_main_process():
+        atomic_save_json(round_dir / "pasted_pixels.json", pasted_total)
         atomic_torch_save(round_dir / "teacher.pt", teacher.state_dict())
         atomic_torch_save(final, student.state_dict())
         ckpt.unlink(missing_ok=True)
@@ -866,7 +866,7 @@ def run_pipeline(
 ) -> dict[str, dict[str, Any]]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_run_config(run_dir, config_dict(cfg))
+    check_run_config(run_dir, config_dict(cfg), config_dict(Config()))
     log = MetricsLog(run_dir / "metrics.jsonl")
     log(event="start", resumed=log.resumed)
     seed_everything(cfg.seed)
@@ -891,11 +891,13 @@ def run_pipeline(
         report = load_checkpoint(model, warm_path)
         log(stage="warmup", event="init", path=str(warm_path), unused=report.unused)
     label_model: nn.Module = model
+    monitor = ust.CollapseMonitor(source_prior(cfg, run_dir, source), class_names=class_names(cfg))
     for k in range(1, cfg.rounds + 1):
         round_dir = run_dir / f"round{k}"
         round_dir.mkdir(exist_ok=True)
         stats = generate_pseudo_labels(cfg, round_dir, label_model, target, device, log)
-        teacher = self_train(cfg, round_dir, k, model, target, stats, device, log)
+        diagnose_round(cfg, run_dir, k, stats, monitor, log)
+        teacher = self_train(cfg, round_dir, k, model, target, source, stats, device, log)
         results[f"round{k}"] = stage_eval(
             cfg, run_dir, f"round{k}", teacher.module, val, device, log
         )
@@ -907,9 +909,52 @@ def run_pipeline(
     return results
 
 
+def class_names(cfg: Config) -> list[str]:
+    return list(CITYSCAPES_CLASSES if cfg.num_classes == 19 else OXFORD_CLASSES)
+
+
+def source_prior(cfg: Config, run_dir: Path, source: Dataset) -> torch.Tensor:
+    """The source label prior from up to 500 evenly spaced label maps, cached in the run folder."""
+    path = run_dir / "source_prior.json"
+    if path.is_file():
+        return torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
+    step = max(1, len(source) // 500)
+    prior = ust.class_prior(
+        (source[i]["label"] for i in range(0, len(source), step)), cfg.num_classes
+    )
+    if is_main_process():
+        atomic_save_json(path, prior.tolist())
+    return prior
+
+
+def diagnose_round(
+    cfg: Config,
+    run_dir: Path,
+    k: int,
+    stats: ClassStatistics,
+    monitor: ust.CollapseMonitor,
+    log: MetricsLog,
+) -> None:
+    """Per-class pseudo-label shares against the source prior and the previous round; warns."""
+    done = json.loads((run_dir / f"round{k}" / "stats" / "done.json").read_text())
+    selected = int(stats.class_pixels.sum())
+    total = int(done.get("total_pixels", round(selected / max(done["selected_fraction"], 1e-12))))
+    pasted_path = run_dir / f"round{k - 1}" / "pasted_pixels.json"
+    pasted = None
+    if pasted_path.is_file():
+        pasted = torch.tensor(json.loads(pasted_path.read_text()), dtype=torch.float64)
+    diag = monitor.update(
+        stats.class_pixels, total_pixels=total, thresholds=stats.thresholds, pasted_pixels=pasted
+    )
+    if is_main_process():
+        record = diag.to_dict()
+        atomic_save_json(run_dir / f"round{k}" / "diagnostics.json", record)
+        log(stage=f"round{k}", event="diagnostics", **record)
+
+
 def write_report(run_dir: Path, results: dict[str, dict[str, Any]], cfg: Config) -> None:
     classes = results[next(iter(results))]["classes"]
-    names = [CITYSCAPES_CLASSES[c] if cfg.num_classes == 19 else OXFORD_CLASSES[c] for c in classes]
+    names = [class_names(cfg)[c] for c in classes]
     lines = ["| stage | mIoU | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for stage, s in results.items():
         lines.append(
@@ -958,6 +1003,7 @@ def _plots(run_dir: Path, results: dict[str, dict[str, Any]], names: list[str]) 
     fig.tight_layout()
     fig.savefig(plots / "per_class_iou.png", dpi=120)
     plt.close(fig)
+    _diagnostics_plot(run_dir, plt)
     preds = sorted((run_dir / last / "predictions").glob("*.png"))[:4]
     if preds:
         from PIL import Image
@@ -968,8 +1014,46 @@ def _plots(run_dir: Path, results: dict[str, dict[str, Any]], names: list[str]) 
         write_rgb(plots / "predictions.png", np.concatenate(rows, 0))
 
 
-def ablation(cfg: Config, device: torch.device) -> None:
-    """CT self-training, then add IAS, HPLA, regularisation, consistency, from one warm-up."""
+def _diagnostics_plot(run_dir: Path, plt: Any) -> None:
+    """Each class's share of the pseudo-labels per round against the source prior (log scale)."""
+    rounds = sorted(run_dir.glob("round*/diagnostics.json"))
+    if not rounds:
+        return
+    records = [json.loads(r.read_text()) for r in rounds]
+    c = len(records[0]["prior"])
+    names = list(
+        CITYSCAPES_CLASSES if c == 19 else OXFORD_CLASSES if c == 9 else map(str, range(c))
+    )
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(11, 4))
+    prior = np.array(records[0]["prior"], dtype=float)
+    ax.plot(x, 100 * prior, "k_", markersize=14, mew=2, label="source prior")
+    for i, (path, rec) in enumerate(zip(rounds, records, strict=True)):
+        comp = np.array(rec["composition"], dtype=float)
+        ax.scatter(
+            x + 0.12 * (i - len(records) / 2),
+            100 * np.maximum(comp, 1e-5),
+            s=14,
+            label=path.parent.name,
+        )
+        for c in rec["vanishing"]:
+            ax.annotate("!", (c, 100 * max(comp[c], 1e-5)), color="red", ha="center")
+    ax.set_yscale("log")
+    ax.set_xticks(x, names, rotation=60, ha="right")
+    ax.set_ylabel("% of pseudo-labelled pixels")
+    ax.set_title("pseudo-label share per class (! = vanishing)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(run_dir / "plots" / "pseudo_label_shares.png", dpi=120)
+    plt.close(fig)
+
+
+def ablation(cfg: Config, device: torch.device) -> dict[str, dict[str, Any]]:
+    """CT self-training, then add IAS, HPLA, regularisation, consistency, from one warm-up.
+
+    Returns the scores of the source-only and warm-up models and each variant's final model.
+    """
     base = Path(cfg.run_dir)
     main = run_pipeline(dataclasses.replace(cfg, rounds=0), device)
     warm = base / "warmup" / "model.pt"
@@ -989,26 +1073,81 @@ def ablation(cfg: Config, device: torch.device) -> None:
             {"selector": "ias", "hpla": True, "regularisation": True, "consistency": True},
         ),
     ]
-    rows = [("source-only", main["source_only"]["miou"]), ("warm-up", main["warmup"]["miou"])]
+    scores = {k: main[k] for k in ("source_only", "warmup") if k in main}
     for name, change in variants:
         slug = name.strip("+").split(" ")[0].lower()
         vcfg = dataclasses.replace(cfg, run_dir=str(base / "ablation" / slug), **change)
         res = run_pipeline(vcfg, device, shared_warmup=warm)
-        rows.append((name, res[f"round{cfg.rounds}"]["miou"]))
+        scores[name] = res[f"round{cfg.rounds}"]
     table = "| variant | mIoU |\n|---|---|\n" + "\n".join(
-        f"| {n} | {100 * m:.1f} |" for n, m in rows
+        f"| {n} | {100 * m['miou']:.1f} |" for n, m in scores.items()
     )
     if is_main_process():
         (base / "ablation.md").write_text(table + "\n")
     print(table)
+    return scores
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
+def _mean_std(values: list[float]) -> str:
+    a = 100 * np.asarray(values, dtype=float)
+    return f"{a.mean():.1f} ± {a.std(ddof=1):.1f}" if len(a) > 1 else f"{a.mean():.1f}"
+
+
+def seed_table(rows: dict[str, list[dict[str, Any]]], names: list[str], seeds: list[int]) -> str:
+    """Markdown table: per row (stage or variant), mIoU and per-class IoU as mean ± std."""
+    head = f"| (seeds {', '.join(map(str, seeds))}) | mIoU | " + " | ".join(names) + " |"
+    lines = [head, "|---|---|" + "---|" * len(names)]
+    for row, scores in rows.items():
+        per_class = [_mean_std([s["iou"][c] for s in scores]) for c in range(len(names))]
+        lines.append(
+            f"| {row} | {_mean_std([s['miou'] for s in scores])} | " + " | ".join(per_class) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_seeds(cfg: Config, device: torch.device, seeds: list[int], run_ablation: bool) -> None:
+    """Run the pipeline (or the ablation) once per seed in ``run_dir/seed<S>``; write mean ± std.
+
+    The standard deviation is the sample standard deviation over the seeds (ddof = 1).
+    """
+    base = Path(cfg.run_dir)
+    per_seed: dict[str, list[dict[str, Any]]] = {}
+    for s in seeds:
+        scfg = dataclasses.replace(
+            cfg,
+            seed=s,
+            run_dir=str(base / f"seed{s}"),
+            init_source=cfg.init_source.format(seed=s),
+            init_warmup=cfg.init_warmup.format(seed=s),
+        )
+        results = ablation(scfg, device) if run_ablation else run_pipeline(scfg, device)
+        for row, scores in results.items():
+            per_seed.setdefault(row, []).append(scores)
+    if not is_main_process():
+        return
+    classes = next(iter(per_seed.values()))[0]["classes"]
+    names = [class_names(cfg)[c] for c in classes]
+    table = seed_table(per_seed, names, seeds)
+    name = "ablation" if run_ablation else "results"
+    (base / f"{name}_seeds.md").write_text(table)
+    atomic_save_json(base / f"{name}_seeds.json", {"seeds": seeds, "results": per_seed})
+    print(table)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, list[int]]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default="synthetic")
     p.add_argument("--ablation", action="store_true", help="run the ablation table")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run once per seed in RUN_DIR/seed<S> and report mean ± std (with --ablation too); "
+        "'{seed}' in --init-source/--init-warmup is replaced by each seed",
+    )
     defaults = Config()
     skip = {"preset", "absent_classes"}
     for f in dataclasses.fields(Config):
@@ -1031,14 +1170,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool]:
             values[f.name] = tuple(v) if isinstance(v, list) else v
     if args.preset != "synthetic" and "run_dir" not in values:
         values["run_dir"] = f"runs/{args.preset}"
-    return Config(preset=args.preset, **values), args.ablation
+    return Config(preset=args.preset, **values), args.ablation, args.seeds or []
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, run_ablation = parse_args(argv)
+    cfg, run_ablation, seeds = parse_args(argv)
     device = init_distributed(cfg.device)
     start = time.perf_counter()
-    if run_ablation:
+    if seeds:
+        run_seeds(cfg, device, seeds, run_ablation)
+    elif run_ablation:
         ablation(cfg, device)
     else:
         run_pipeline(cfg, device)

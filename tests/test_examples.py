@@ -114,14 +114,61 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_run, monkeypatch):
 
 
 def test_ablation_flags_parse():
-    cfg, _ = hiast_full.parse_args(
+    cfg, _, seeds = hiast_full.parse_args(
         ["--no-hpla", "--selector", "constant", "--no-consistency", "--amp"]
     )
     assert (cfg.hpla, cfg.selector, cfg.consistency, cfg.amp) == (False, "constant", False, True)
-    cfg, abl = hiast_full.parse_args(
-        ["--preset", "gta5", "--ablation", "--round-lrs", "1e-6", "1e-6", "1e-6"]
+    assert seeds == []
+    cfg, abl, seeds = hiast_full.parse_args(
+        [
+            "--preset",
+            "gta5",
+            "--ablation",
+            "--round-lrs",
+            "1e-6",
+            "1e-6",
+            "1e-6",
+            "--seeds",
+            "0",
+            "1",
+        ]
     )
     assert cfg.model == "resnet101" and abl and cfg.round_lrs == (1e-6, 1e-6, 1e-6)
+    assert seeds == [0, 1]
+
+
+def test_seed_table_reports_mean_and_sample_std():
+    rows = {
+        "a": [{"miou": 0.30, "iou": [0.2, 0.4]}, {"miou": 0.40, "iou": [0.2, 0.6]}],
+    }
+    table = hiast_full.seed_table(rows, ["x", "y"], [0, 1])
+    assert "| a | 35.0 ± 7.1 | 20.0 ± 0.0 | 50.0 ± 14.1 |" in table
+    assert "(seeds 0, 1)" in table
+
+
+def test_run_folder_has_diagnostics_and_a_vanishing_class_warns(tiny_run, monkeypatch):
+    """A run writes per-round diagnostics and their plot; a class that disappears warns."""
+    import torch
+
+    import uda_selftrain as ust
+
+    run_dir = tiny_run / "a"
+    assert run(tiny_run, "a") == 0
+    record = json.loads((run_dir / "round2" / "diagnostics.json").read_text())
+    assert len(record["composition"]) == 19 and len(record["prior"]) == 19
+    assert record["pasted_share"] is not None  # round 1's pasted pixels, per class
+    assert (run_dir / "round1" / "pasted_pixels.json").is_file()
+    assert (run_dir / "plots" / "pseudo_label_shares.png").is_file()
+    # Force a vanishing class: the second round's pseudo-labels lose class 0 entirely.
+    stats = ust.ClassStatistics.load(run_dir / "round2" / "stats", 19)
+    prior = torch.tensor(json.loads((run_dir / "source_prior.json").read_text()))
+    monitor = ust.CollapseMonitor(prior, class_names=list(hiast_full.CITYSCAPES_CLASSES))
+    monitor.update(stats.class_pixels, total_pixels=10**6, warn=False)
+    lost = stats.class_pixels.clone()
+    lost[0] = 0
+    with pytest.warns(ust.CollapseWarning, match="road"):
+        diag = monitor.update(lost, total_pixels=10**6)
+    assert 0 in diag.vanishing
 
 
 def _ddp_worker(rank: int, port: int, args: list[str]) -> None:

@@ -24,6 +24,14 @@ from .augment import (
     strong_colour,
     weak_geometry,
 )
+from .diagnostics import (
+    CollapseMonitor,
+    CollapseWarning,
+    PseudoLabelDiagnostics,
+    class_counts,
+    class_prior,
+    pseudo_label_diagnostics,
+)
 from .hard_aware import HardAwareAugmenter, HardAwareViews, batch_donors, hard_aware_augment
 from .losses import (
     ConsistencyLoss,
@@ -99,6 +107,8 @@ __all__ = [
     "ClassMix",
     "ClassMixResult",
     "ClassStatistics",
+    "CollapseMonitor",
+    "CollapseWarning",
     "ColourParams",
     "ConfusionMatrix",
     "ConsistencyLoss",
@@ -115,6 +125,7 @@ __all__ = [
     "InstanceAdaptiveSelector",
     "OnlineTargets",
     "PasteResult",
+    "PseudoLabelDiagnostics",
     "RegionAdaptiveLoss",
     "RegionAdaptiveLossOutput",
     "Selection",
@@ -124,7 +135,9 @@ __all__ = [
     "__version__",
     "batch_donors",
     "cbst_thresholds",
+    "class_counts",
     "class_difficulty",
+    "class_prior",
     "classmix",
     "classmix_masks",
     "colour_params",
@@ -150,6 +163,7 @@ __all__ = [
     "pixel_weights",
     "protocol_scores",
     "pseudo_label_ce",
+    "pseudo_label_diagnostics",
     "region_adaptive_loss",
     "region_masks",
     "sampling_probabilities",

@@ -633,6 +633,9 @@ class InstanceAdaptiveSelector(_SelectorState):
         class_value_momentum: momentum of the class values (0.99).
         granularity: ``"image"`` (default; the paper: θ updated image by image, in batch order) or
             ``"batch"`` (the public implementation: one update per batch).
+        min_threshold: a floor under every θ after each update (0 = none, the paper). A guard
+            against minority-class thresholds falling so low in a weak model that their
+            pseudo-labels are mostly wrong.
         ignore_index: label of unselected pixels.
         sync: with a ``torch.distributed`` process group, each update uses the union of every rank's
             instance (per image: every rank's j-th image of the batch; per batch: the global batch),
@@ -666,11 +669,13 @@ class InstanceAdaptiveSelector(_SelectorState):
         init_threshold: float = 0.9,
         class_value_momentum: float = 0.99,
         granularity: Granularity = "image",
+        min_threshold: float = 0.0,
         ignore_index: int = 255,
         sync: bool = True,
     ) -> None:
         super().__init__()
         self.alpha, self.beta, self.gamma = _check_ias_parameters(alpha, beta, gamma)
+        self.min_threshold = check_unit_interval("min_threshold", min_threshold)
         self.init_threshold = check_unit_interval("init_threshold", init_threshold)
         self.granularity = _check_granularity(granularity)
         self._init_state(
@@ -748,6 +753,8 @@ class InstanceAdaptiveSelector(_SelectorState):
                     c, p32, self.thresholds, self.alpha, self.beta, self.gamma, sync, self._scratch
                 )
             )
+            if self.min_threshold > 0:
+                self.thresholds.clamp_(min=self.min_threshold)
             group_counts, group_sums = _select_and_count(
                 c,
                 p,
