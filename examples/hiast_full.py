@@ -156,6 +156,7 @@ class Config:
     init_source: str = ""  # skip source-only, start the warm-up from this checkpoint
     init_warmup: str = ""  # skip source-only and warm-up, start round 1 from this checkpoint
     absent_classes: tuple[int, ...] = field(default_factory=tuple)
+    label_map: str = ""  # "things": merge the synthetic city's stuff classes into one background
     oracle: bool = False  # synthetic only: train "source-only" on the labelled target train split
 
 
@@ -175,8 +176,36 @@ _PAPER_SCALE: dict[str, Any] = {
     "head_lr_multiplier": 10.0,
 }
 
+#: The synthetic city with its eight "stuff" classes merged into one background (about 90 % of the
+#: pixels) and its 11 thin or countable classes kept: the extreme imbalance of digits-on-photos
+#: benchmarks, for the collapse study (docs/results/collapse.md).
+THINGS_CLASSES = (
+    "background",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+THINGS_MAP = {c: 0 for c in (0, 1, 2, 3, 4, 8, 9, 10)} | {
+    c: i + 1 for i, c in enumerate((5, 6, 7, 11, 12, 13, 14, 15, 16, 17, 18))
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "synthetic": {},
+    "things": {
+        "num_classes": 12,
+        "protocol": "all",
+        "label_map": "things",
+        "num_hard": 8,
+        "run_dir": "runs/things",
+    },
     "tiny": {
         "synthetic_preset": "tiny",
         "data_dir": "data/synthetic_city_tiny",
@@ -239,18 +268,21 @@ class MappedLabels(Dataset):
 
 def build_data(cfg: Config) -> tuple[Dataset, Any, Any, tuple[str, ...]]:
     """Source (labelled), target train (unlabelled reader), target val (labelled), class names."""
-    if cfg.preset in ("synthetic", "tiny"):
+    if cfg.preset in ("synthetic", "tiny", "things"):
         root = Path(cfg.data_dir)
         if is_main_process():
             synthetic.generate(
                 root, synthetic.PRESETS[cfg.synthetic_preset], progress=not cfg.quiet
             )
         barrier()
-        source = GTA5(root / "source")
+        source: Dataset = GTA5(root / "source")
         if cfg.oracle:  # the target oracle: the same training on labelled target images
             source = Cityscapes(root / "target", "train")
         train = Cityscapes(root / "target", "train", label_type=None)
-        val = Cityscapes(root / "target", "val")
+        val: Dataset = Cityscapes(root / "target", "val")
+        if cfg.label_map == "things":
+            table = lookup_table(THINGS_MAP)
+            return MappedLabels(source, table), train, MappedLabels(val, table), THINGS_CLASSES
         return source, train, val, CITYSCAPES_CLASSES
     if not cfg.source_root or not cfg.target_root:
         raise SystemExit(f"--preset {cfg.preset} needs --source-root and --target-root")
@@ -507,7 +539,7 @@ def evaluate(
         bar.update()
     bar.close()
     model.train(was_training)
-    return cm.scores(cfg.protocol)
+    return cm.scores(None if cfg.protocol == "all" else cfg.protocol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -910,6 +942,8 @@ def run_pipeline(
 
 
 def class_names(cfg: Config) -> list[str]:
+    if cfg.label_map == "things":
+        return list(THINGS_CLASSES)
     return list(CITYSCAPES_CLASSES if cfg.num_classes == 19 else OXFORD_CLASSES)
 
 
@@ -1168,7 +1202,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, bool, list[int]]:
         v = getattr(args, f.name, None)
         if f.name not in skip and v is not None:
             values[f.name] = tuple(v) if isinstance(v, list) else v
-    if args.preset != "synthetic" and "run_dir" not in values:
+    if args.preset not in ("synthetic", "things") and "run_dir" not in values:
         values["run_dir"] = f"runs/{args.preset}"
     return Config(preset=args.preset, **values), args.ablation, args.seeds or []
 
