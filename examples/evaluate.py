@@ -18,10 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pipeline_utils import init_distributed, progress
-from hiast_full import PRESETS, Config, build_data, build_model, to_input
+from _pipeline_utils import (
+    PRESETS,
+    Config,
+    build_data,
+    build_model,
+    init_distributed,
+    progress,
+    to_input,
+)
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_save_json

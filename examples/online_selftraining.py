@@ -22,16 +22,21 @@ Prints (and writes to ``--out``/results.json) the target mIoU of every variant.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pipeline_utils import IterationBatches, progress, seed_everything
-from hiast_full import Config, build_data, build_model, evaluate, loader
+from _pipeline_utils import (
+    Config,
+    IterationBatches,
+    build_data,
+    build_model,
+    evaluate,
+    loader,
+    progress,
+    seed_everything,
+)
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_save_json

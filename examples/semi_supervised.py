@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _pipeline_utils import (
+    Config,
+    IterationBatches,
+    build_model,
+    evaluate,
+    loader,
+    progress,
+    seed_everything,
+    source_batch,
+)
 from torch.utils.data import Subset
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pipeline_utils import IterationBatches, progress, seed_everything
-from hiast_full import Config, build_model, evaluate, loader, source_batch
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_save_json

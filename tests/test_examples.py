@@ -14,6 +14,7 @@ pytest.importorskip("cv2")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+import _pipeline_utils  # noqa: E402
 import hiast_full  # noqa: E402
 
 
@@ -85,7 +86,7 @@ def test_rerun_resumes_and_other_config_is_refused(tiny_run):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_run, monkeypatch):
-    original = hiast_full.save_training_state
+    original = _pipeline_utils.save_training_state
     calls = {"n": 0}
 
     def interrupt_after_first_checkpoint(path, **objects):
@@ -94,12 +95,12 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_run, monkeypatch):
             calls["n"] += 1
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(hiast_full, "save_training_state", interrupt_after_first_checkpoint)
+    monkeypatch.setattr(_pipeline_utils, "save_training_state", interrupt_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_run, "b")
     assert (tiny_run / "b" / "round1" / "ckpt.pt").is_file()
     assert (tiny_run / "b" / "round1" / "stats" / "done.json").is_file()  # labels kept
-    monkeypatch.setattr(hiast_full, "save_training_state", original)
+    monkeypatch.setattr(_pipeline_utils, "save_training_state", original)
     log = tiny_run / "b" / "metrics.jsonl"
     with open(log, "a") as f:
         f.write('{"event": "torn wri')  # as if killed in the middle of a write
@@ -162,7 +163,7 @@ def test_run_folder_has_diagnostics_and_a_vanishing_class_warns(tiny_run, monkey
     # Force a vanishing class: the second round's pseudo-labels lose class 0 entirely.
     stats = ust.ClassStatistics.load(run_dir / "round2" / "stats", 19)
     prior = torch.tensor(json.loads((run_dir / "source_prior.json").read_text()))
-    monitor = ust.CollapseMonitor(prior, class_names=list(hiast_full.CITYSCAPES_CLASSES))
+    monitor = ust.CollapseMonitor(prior, class_names=list(ust.datasets.CITYSCAPES_CLASSES))
     monitor.update(stats.class_pixels, total_pixels=10**6, warn=False)
     lost = stats.class_pixels.clone()
     lost[0] = 0
@@ -296,3 +297,171 @@ def test_accelerator_code_paths_end_to_end(tiny_run, monkeypatch):
     assert list(a) == list(b)
     for stage in a:
         assert abs(a[stage]["miou"] - b[stage]["miou"]) < 0.02, (stage, a, b)
+
+
+def test_minimal_example_adapts_a_checkpoint(tiny_run, tmp_path):
+    """hiast_minimal.py: the tiny run's warm-up model in, an adapted model out."""
+    import hiast_minimal
+
+    out = tmp_path / "minimal"
+    miou = hiast_minimal.main(
+        [
+            "--checkpoint",
+            str(tiny_run / "a" / "warmup" / "model.pt"),
+            "--target-root",
+            str(tiny_run / "data" / "target"),
+            "--out",
+            str(out),
+            "--width",
+            "8",
+            "--crop",
+            "32",
+            "64",
+            "--batch-size",
+            "4",
+            "--rounds",
+            "2",
+            "--iters",
+            "4",
+            "--num-hard",
+            "10",
+        ]
+    )
+    assert 0.0 <= miou <= 1.0
+    assert (out / "adapted.pt").is_file()
+    assert (out / "round2" / "stats" / "done.json").is_file()
+    assert len(list((out / "round1" / "pseudo").rglob("*.png"))) == 12
+
+
+def test_pseudo_labelling_killed_midway_resumes_to_identical_files(tiny_run, tmp_path, monkeypatch):
+    """The library's pseudo-labelling: a kill after a checkpoint, rerun → the same files."""
+    import torch
+
+    import uda_selftrain as ust
+    import uda_selftrain.pseudo_labels as pl
+    from uda_selftrain.datasets import Cityscapes
+    from uda_selftrain.models import deeplabv2_small
+
+    model = deeplabv2_small(19, width=8)
+    model.load_state_dict(torch.load(tiny_run / "a" / "warmup" / "model.pt", weights_only=True))
+    target = Cityscapes(tiny_run / "data" / "target", "train", label_type=None)
+
+    def label(folder, **kwargs):
+        selector = ust.InstanceAdaptiveSelector(19)
+        return ust.generate_pseudo_labels(model, target, selector, folder, **kwargs)
+
+    reference = label(tmp_path / "whole")
+    calls = {"n": 0}
+    original = pl.atomic_torch_save
+
+    def killed_after_second_checkpoint(path, obj):
+        original(path, obj)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if killed right after the checkpoint
+
+    monkeypatch.setattr(pl, "atomic_torch_save", killed_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        label(tmp_path / "killed", checkpoint_every=3)
+    state = torch.load(tmp_path / "killed" / "pseudo_state_rank0.pt", weights_only=False)
+    assert state["step"] == 6
+    monkeypatch.setattr(pl, "atomic_torch_save", original)
+    seen = []
+    resumed = label(tmp_path / "killed", checkpoint_every=3, progress=lambda s, t: seen.append(s))
+    assert seen[0] == 7  # continued after the checkpoint, not from image 0
+    for name in ("class_mean_probabilities.npy", "class_threshold.npy", "sample_class_stats.json"):
+        a = (tmp_path / "whole" / "stats" / name).read_bytes()
+        assert a == (tmp_path / "killed" / "stats" / name).read_bytes(), name
+    for png in sorted((tmp_path / "whole" / "pseudo").rglob("*.png")):
+        other = tmp_path / "killed" / "pseudo" / png.relative_to(tmp_path / "whole" / "pseudo")
+        assert png.read_bytes() == other.read_bytes()
+    assert resumed.names == reference.names
+    assert not (tmp_path / "killed" / "pseudo_state_rank0.pt").exists()
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it."""
+
+
+def _kill_on_call(monkeypatch, owner, attr, *, when):
+    """Replace owner.attr with a wrapper that raises _Killed on the call where ``when`` is true."""
+    original = getattr(owner, attr)
+    count = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        count["n"] += 1
+        if when(count["n"], args, kwargs):
+            raise _Killed
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, wrapper)
+
+
+def _after_checkpoint_of(stage):
+    """Kill right after the first checkpoint of ``stage`` is written."""
+    saved = {"done": False}
+    original = _pipeline_utils.save_training_state
+
+    def save(path, **objects):
+        original(path, **objects)
+        if path.parent.name == stage and not saved["done"]:
+            saved["done"] = True
+            raise _Killed
+
+    return save
+
+
+KILL_POINTS = {
+    "source_after_checkpoint": lambda mp: mp.setattr(
+        _pipeline_utils, "save_training_state", _after_checkpoint_of("source_only")
+    ),
+    # source-only draws 20 batches; the warm-up 2 per iteration: call 23 is its iteration 2,
+    # before its first checkpoint (iteration 5)
+    "warmup_before_checkpoint": lambda mp: _kill_on_call(
+        mp, hiast_full, "source_batch", when=lambda n, a, k: n == 23
+    ),
+    "pseudo_labels": lambda mp: _kill_on_call(
+        mp,
+        __import__("uda_selftrain.datasets.image_io").datasets.image_io,
+        "write_label",
+        when=lambda n, a, k: n == 7,
+    ),
+    "round1_after_checkpoint": lambda mp: mp.setattr(
+        _pipeline_utils, "save_training_state", _after_checkpoint_of("round1")
+    ),
+    "evaluation": lambda mp: _kill_on_call(
+        mp, hiast_full, "evaluate", when=lambda n, a, k: "round1" in k.get("desc", "")
+    ),
+}
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_a_kill_in_any_stage_resumes_to_bit_identical_weights(tiny_run, monkeypatch, point):
+    import torch
+
+    name = f"kill_{point}"
+    with monkeypatch.context() as mp:
+        KILL_POINTS[point](mp)
+        with pytest.raises(_Killed):
+            run(tiny_run, name)
+    assert run(tiny_run, name) == 0
+    final = torch.load(tiny_run / name / "final.pt", weights_only=True)
+    reference = torch.load(tiny_run / "a" / "final.pt", weights_only=True)
+    assert final.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(final[key], reference[key]), key
+    records = [
+        json.loads(line) for line in (tiny_run / name / "metrics.jsonl").read_text().splitlines()
+    ]
+    evals = [(r["stage"]) for r in records if r.get("event") == "eval"]
+    assert len(evals) == len(set(evals))  # no stage evaluated (logged) twice
+
+
+def test_gradient_accumulation_runs_every_stage(tiny_run):
+    """--accumulate 2 splits each batch in two micro-batches in every training stage."""
+    name = "accumulate"
+    assert run(tiny_run, name, "--accumulate", "2", "--rounds", "1") == 0
+    results = json.loads((tiny_run / name / "results.json").read_text())
+    assert set(results) == {"source_only", "warmup", "round1"}
+    with pytest.raises(SystemExit, match="accumulate"):
+        run(tiny_run, "accumulate3", "--accumulate", "3")

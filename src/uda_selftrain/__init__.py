@@ -79,6 +79,7 @@ from .online import (
     online_targets,
     pixel_weights,
 )
+from .pseudo_labels import generate_pseudo_labels, predict_probabilities
 from .quantiles import grouped_quantile
 from .selection import (
     ArgmaxSelector,
@@ -148,6 +149,7 @@ __all__ = [
     "crop_params",
     "denormalize",
     "entropy_loss",
+    "generate_pseudo_labels",
     "get_protocol",
     "grouped_quantile",
     "hard_aware_augment",
@@ -161,6 +163,7 @@ __all__ = [
     "paste_views",
     "pixel_accuracy",
     "pixel_weights",
+    "predict_probabilities",
     "protocol_scores",
     "pseudo_label_ce",
     "pseudo_label_diagnostics",
