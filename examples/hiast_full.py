@@ -273,6 +273,36 @@ def hiast_step(
     return out, (v.maps[1] if hard_mask is not None else None)
 
 
+def round_components(
+    cfg: Config, round_dir: Path, k: int, target: Any, stats: ClassStatistics, log: MetricsLog
+) -> tuple[PseudoLabelDataset, torch.Tensor | None, ust.WeakStrongViews, ust.HIASTLoss]:
+    """The round's data (with HPLA donors), hard classes, views and loss, as configured."""
+    sampler, hard_mask = None, None
+    if cfg.hpla:
+        sampler = DonorSampler(
+            stats,
+            num_hard=cfg.num_hard,
+            absent_classes=cfg.absent_classes,
+            max_donors=cfg.max_donors,
+        )
+        hard_mask = sampler.hard_mask
+        log(
+            stage=round_dir.name,
+            event="hard_classes",
+            hard=sampler.hard_classes.tolist(),
+            probabilities=sampler.probabilities[sampler.hard_classes].tolist(),
+        )
+    data = PseudoLabelDataset(
+        target, round_dir / "pseudo", sampler=sampler, donor_names=stats.names, seed=cfg.seed + k
+    )
+    loss_fn = ust.HIASTLoss(
+        smoothing_weight=cfg.smoothing_weight if cfg.regularisation else 0.0,
+        entropy_weight=cfg.entropy_weight if cfg.regularisation else 0.0,
+        consistency_weight=cfg.consistency_weight if cfg.consistency else 0.0,
+    )
+    return data, hard_mask, ust.WeakStrongViews(cfg.crop_size), loss_fn
+
+
 def self_train(
     cfg: Config,
     round_dir: Path,
@@ -291,30 +321,9 @@ def self_train(
         teacher.load_state_dict(load_weights(round_dir / "teacher.pt", device))
         resume_finished_stage(round_dir)
         return teacher
-    total, sampler, hard_mask = cfg.round_iters, None, None
-    if cfg.hpla:
-        sampler = DonorSampler(
-            stats,
-            num_hard=cfg.num_hard,
-            absent_classes=cfg.absent_classes,
-            max_donors=cfg.max_donors,
-        )
-        hard_mask = sampler.hard_mask.to(device)
-        log(
-            stage=round_dir.name,
-            event="hard_classes",
-            hard=sampler.hard_classes.tolist(),
-            probabilities=sampler.probabilities[sampler.hard_classes].tolist(),
-        )
-    data = PseudoLabelDataset(
-        target, round_dir / "pseudo", sampler=sampler, donor_names=stats.names, seed=cfg.seed + k
-    )
-    views = ust.WeakStrongViews(cfg.crop_size)
-    loss_fn = ust.HIASTLoss(
-        smoothing_weight=cfg.smoothing_weight if cfg.regularisation else 0.0,
-        entropy_weight=cfg.entropy_weight if cfg.regularisation else 0.0,
-        consistency_weight=cfg.consistency_weight if cfg.consistency else 0.0,
-    )
+    total = cfg.round_iters
+    data, hard_mask, views, loss_fn = round_components(cfg, round_dir, k, target, stats, log)
+    hard_mask = None if hard_mask is None else hard_mask.to(device)
     net = wrap_ddp(student, device)
     opt, sched = make_optimizer(student, cfg.round_lrs[min(k, len(cfg.round_lrs)) - 1], cfg, total)
     amp = Amp(cfg, device)

@@ -50,6 +50,15 @@ from uda_selftrain.augment import (
 from uda_selftrain.mixing import class_difficulty, hard_paste
 
 
+def crops(batch, cfg: Config, device: torch.device, gen: torch.Generator, *, labelled: bool):
+    """Random-sized crop + flip of a batch (and its labels) at the training size, in [0, 1]."""
+    images = batch["image"].to(device)
+    params = crop_params(images.shape[0], images.shape[-2:], generator=gen)
+    maps = [batch["label"].to(device)] if labelled else []
+    out, out_maps = weak_geometry(images, params, cfg.crop_size, maps)
+    return out, (out_maps[0] if labelled else None)
+
+
 def run_variant(
     name: str, opts: dict[str, bool], args: argparse.Namespace, cfg: Config, data
 ) -> float:
@@ -71,35 +80,17 @@ def run_variant(
         consistency_weight=0.5 if opts["consistency"] else 0.0,
     )
     gen = torch.Generator().manual_seed(args.seed)
-    src = iter(
-        loader(
-            source,
-            IterationBatches(len(source), args.batch_size, args.iters, 0, args.seed + 1),
-            cfg,
+    src, tgt = (
+        iter(
+            loader(d, IterationBatches(len(d), args.batch_size, args.iters, 0, args.seed + i), cfg)
         )
-    )
-    tgt = iter(
-        loader(
-            target,
-            IterationBatches(len(target), args.batch_size, args.iters, 0, args.seed + 2),
-            cfg,
-        )
+        for i, d in ((1, source), (2, target))
     )
     bar = progress(total=args.iters, desc=name, quiet=args.quiet)
     for it in range(args.iters):
-        sb, tb = next(src), next(tgt)
-        n = sb["image"].shape[0]
-        s_img, (s_lab,) = weak_geometry(
-            sb["image"].to(device),
-            crop_params(n, sb["image"].shape[-2:], generator=gen),
-            cfg.crop_size,
-            [sb["label"].to(device)],
-        )
-        t_img, _ = weak_geometry(
-            tb["image"].to(device),
-            crop_params(n, tb["image"].shape[-2:], generator=gen),
-            cfg.crop_size,
-        )
+        s_img, s_lab = crops(next(src), cfg, device, gen, labelled=True)
+        t_img, _ = crops(next(tgt), cfg, device, gen, labelled=False)
+        n = s_img.shape[0]
         with torch.no_grad():
             targets = ust.online_targets(teacher(normalize(t_img)), selector=selector)
         t_lab = targets.labels
