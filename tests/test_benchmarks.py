@@ -57,4 +57,11 @@ def test_bench_mixing():
         "--hard",
         "3",
     )
-    assert "speed-up" in out
+    ms = {
+        key: float(re.search(rf"{re.escape(key)}:\s+(\S+) ms", out).group(1))
+        for key in ("ours, paste_views (geometry first)", "reference (per-sample numpy/PIL)")
+    }
+    assert all(v > 0 for v in ms.values())
+    ratio = float(re.search(r"speed-up: (\S+)x", out).group(1))
+    expected = ms["reference (per-sample numpy/PIL)"] / ms["ours, paste_views (geometry first)"]
+    assert ratio == pytest.approx(expected, rel=0.06, abs=0.06)  # printed to one decimal

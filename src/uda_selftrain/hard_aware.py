@@ -256,6 +256,7 @@ class HardAwareAugmenter(nn.Module):
         self.register_buffer("hard_mask", torch.zeros(c, dtype=torch.bool))
         self.register_buffer("probabilities", torch.zeros(c, dtype=torch.float64))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._known_fitted = False  # a host-side copy: one read of the buffer, not one per call
 
     def extra_repr(self) -> str:
         return (
@@ -339,6 +340,7 @@ class HardAwareAugmenter(nn.Module):
         self.hard_mask.copy_(diff.hard_mask)
         self.probabilities.copy_(diff.probabilities)
         self.fitted.fill_(True)
+        self._known_fitted = True
         return diff.hard_classes
 
     def donor_sampler(self, stats: ClassStatistics) -> DonorSampler:
@@ -362,7 +364,10 @@ class HardAwareAugmenter(nn.Module):
         return sampler
 
     def _check_fitted(self) -> None:
-        if not bool(self.fitted):
+        if self._known_fitted:
+            return
+        self._known_fitted = bool(self.fitted)  # e.g. restored by load_state_dict
+        if not self._known_fitted:
             raise RuntimeError(
                 "HardAwareAugmenter has no class values yet: call update(stats or selector) first"
             )

@@ -904,6 +904,7 @@ class CBSTSelector(_SelectorState):
         )
         self.register_buffer("histogram", torch.zeros(num_classes, bins, dtype=torch.int64))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._known_fitted = False  # a host-side copy: one read of the buffer, not one per call
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, proportion={self.proportion}, bins={self.bins}"
@@ -913,6 +914,7 @@ class CBSTSelector(_SelectorState):
         super().reset()
         self.histogram.zero_()
         self.fitted.fill_(False)
+        self._known_fitted = False
 
     @torch.no_grad()
     def observe(self, scores: torch.Tensor, *, probabilities: bool = False) -> None:
@@ -930,12 +932,15 @@ class CBSTSelector(_SelectorState):
         hist = all_reduce_sum(self.histogram) if self.sync else self.histogram
         self.thresholds.copy_(cbst_thresholds(hist, proportion=self.proportion))
         self.fitted.fill_(True)
+        self._known_fitted = True
         return self.thresholds.clone()
 
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
         _check_scores(scores, self.num_classes)
-        if not bool(self.fitted):
+        if not self._known_fitted:
+            self._known_fitted = bool(self.fitted)  # e.g. restored by load_state_dict
+        if not self._known_fitted:
             raise RuntimeError(
                 "CBSTSelector: call observe() on the target set and fit() before selecting"
             )
