@@ -1,0 +1,195 @@
+"""Tables of the seeded runs in docs/results/, from the run folders of examples/hiast_full.py.
+
+    python docs/results/collect.py --runs runs --out docs/results/tables.md
+
+Reads every ``<run>/results_seeds.json`` (``--seeds``) and ``<run>/ablation_seeds.json``
+(``--ablation --seeds``), and for the pseudo-labels of every round it compares the labels written
+(``round<k>/pseudo``) with the target training labels: the share of the pixels each class takes
+and its precision. Prints nothing it did not read; mean ± std is over seeds (sample std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+
+from _pipeline_utils import THINGS_CLASSES, THINGS_MAP
+
+from uda_selftrain.datasets import CITYSCAPES_CLASSES, Cityscapes, lookup_table
+from uda_selftrain.datasets.image_io import read_label
+from uda_selftrain.datasets.pseudo import pseudo_label_path
+
+
+def ms(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    a = scale * np.asarray(values, dtype=float)
+    if len(a) < 2:
+        return f"{a.mean():.{digits}f}"
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}"
+
+
+def seeded(path: Path) -> tuple[list[int], dict[str, list[dict]]]:
+    data = json.loads(path.read_text())
+    return data["seeds"], data["results"]
+
+
+def miou_table(rows: dict[str, dict[str, list[dict]]], columns: list[str]) -> str:
+    """rows: label → {column: [scores per seed]}; mIoU mean ± std per column."""
+    lines = ["| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, cols in rows.items():
+        cells = [ms([s["miou"] for s in cols[c]]) if c in cols else "" for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def class_table(rows: dict[str, list[dict]], names: list[str]) -> str:
+    lines = ["| variant | mIoU | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for label, scores in rows.items():
+        cells = [ms([s["iou"][c] for s in scores]) for c in range(len(names))]
+        lines.append(f"| {label} | {ms([s['miou'] for s in scores])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pseudo_label_quality(
+    round_dir: Path, target: Cityscapes, table: np.ndarray | None, c: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: share of all pixels pseudo-labelled as it, precision, and its true share."""
+    selected = np.zeros(c)
+    correct = np.zeros(c)
+    truth = np.zeros(c)
+    total = 0
+    for i in range(len(target)):
+        gt = np.asarray(target[i]["label"])
+        if table is not None:
+            gt = table[np.minimum(gt, len(table) - 1)]
+        pl = np.asarray(read_label(pseudo_label_path(round_dir / "pseudo", target.name(i))))
+        keep = pl < c
+        selected += np.bincount(pl[keep], minlength=c)[:c]
+        correct += np.bincount(pl[keep & (pl == gt)], minlength=c)[:c]
+        valid = gt < c
+        truth += np.bincount(gt[valid], minlength=c)[:c]
+        total += gt.size
+    precision = np.divide(correct, selected, out=np.full(c, np.nan), where=selected > 0)
+    return selected / total, precision, truth / total
+
+
+def _group(share: np.ndarray, prec: np.ndarray, mask: np.ndarray) -> str:
+    """Selected % of all pixels and precision % of a group of classes, mean ± std over seeds."""
+    sel = share[:, mask].sum(1)
+    ok = (np.nan_to_num(prec[:, mask]) * share[:, mask]).sum(1)
+    return f"{ms(sel)} ({ms(ok / np.maximum(sel, 1e-12))})"
+
+
+def quality_table(runs: dict[str, Path], seeds: list[int], rounds: list[int], target, table, names):
+    """Minority-class pseudo-labels per variant and round: share of pixels and precision."""
+    c = len(names)
+    lines = [
+        "| variant | round | all classes: selected % (precision %) | minority classes: selected % "
+        "(precision %) | background / majority: selected % (precision %) |",
+        "|---|---|---|---|---|",
+    ]
+    details = []
+    for label, run in runs.items():
+        for k in rounds:
+            per_seed = []
+            for s in seeds:
+                d = run / f"seed{s}" / f"round{k}"
+                if (d / "stats" / "done.json").is_file():
+                    per_seed.append(pseudo_label_quality(d, target, table, c))
+            if not per_seed:
+                continue
+            share = np.stack([p[0] for p in per_seed])
+            prec = np.stack([p[1] for p in per_seed])
+            truth = per_seed[0][2]
+            minority = truth < 0.05
+            sel_all = share.sum(1)
+            ok_all = (np.nan_to_num(prec) * share).sum(1)
+
+            lines.append(
+                f"| {label} | {k} | {ms(sel_all)} ({ms(ok_all / np.maximum(sel_all, 1e-12))}) | "
+                f"{_group(share, prec, minority)} | {_group(share, prec, ~minority)} |"
+            )
+            details.append((label, k, share.mean(0), np.nanmean(prec, 0), truth))
+    head = "| variant | round | " + " | ".join(names) + " |"
+    rows = [head, "|---|---|" + "---|" * c]
+    rows.append("| ground truth | | " + " | ".join(f"{100 * t:.2f}" for t in details[0][4]) + " |")
+    for label, k, share, prec, _ in details:
+        cells = [
+            f"{100 * sh:.2f} ({'–' if np.isnan(p) else f'{100 * p:.0f}'})"
+            for sh, p in zip(share, prec, strict=True)
+        ]
+        rows.append(f"| {label} | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines), "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--runs", type=Path, default=Path("runs"))
+    p.add_argument("--data", type=Path, default=Path("data/synthetic_city"))
+    p.add_argument("--out", type=Path, default=Path("docs/results/tables.md"))
+    args = p.parse_args()
+    out: list[str] = []
+    target = Cityscapes(args.data / "target", "train")
+    city = list(CITYSCAPES_CLASSES)
+
+    abl = args.runs / "synthetic" / "ablation_seeds.json"
+    if abl.is_file():
+        seeds, res = seeded(abl)
+        out += [f"## Ablation (seeds {seeds})", "", class_table(res, city), ""]
+
+    things = {
+        "source-only": args.runs / "things" / "source",
+        "CT": args.runs / "things" / "ct",
+        "IAS + CE": args.runs / "things" / "ias",
+        "HIAST": args.runs / "things" / "hiast",
+        "HIAST + source CE": args.runs / "things" / "hiast_source",
+    }
+    weak = {
+        "CT": args.runs / "weak" / "ct",
+        "HIAST": args.runs / "weak" / "hiast",
+        "HIAST + source CE": args.runs / "weak" / "hiast_source",
+    }
+    for title, group, names, table, rounds in (
+        (
+            "Collapse regime ('things')",
+            things,
+            list(THINGS_CLASSES),
+            lookup_table(THINGS_MAP),
+            [1, 2],
+        ),
+        ("Weak start (19 classes)", weak, city, None, [1, 2, 3]),
+    ):
+        rows, finals, seeds = {}, {}, []
+        for label, run in group.items():
+            path = run / "results_seeds.json"
+            if not path.is_file():
+                continue
+            seeds, res = seeded(path)
+            rows[label] = res
+            last = [r for r in res if r.startswith("round")] or ["source_only"]
+            finals[label] = res[sorted(last)[-1]]
+        if not rows:
+            continue
+        columns = ["source_only", *[f"round{k}" for k in rounds]]
+        out += [f"## {title} (seeds {seeds})", "", miou_table(rows, columns), ""]
+        out += ["Final model, per class:", "", class_table(finals, names), ""]
+        trained = {k: v for k, v in group.items() if k != "source-only" and v.is_dir()}
+        summary, detail = quality_table(trained, seeds, rounds, target, table, names)
+        out += [
+            "Pseudo-labels against the target training labels (mean over seeds):",
+            "",
+            summary,
+            "",
+        ]
+        out += ["Per class, % of all pixels (precision %):", "", detail, ""]
+    args.out.write_text("\n".join(out) + "\n")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
