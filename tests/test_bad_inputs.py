@@ -270,6 +270,12 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ),
     (
         "class_difficulty",
+        lambda: ust.class_difficulty(torch.rand(11), num_hard=14),
+        ValueError,
+        "num_hard",
+    ),
+    (
+        "class_difficulty",
         lambda: ust.class_difficulty(torch.rand(3), num_hard=0),
         ValueError,
         "num_hard",

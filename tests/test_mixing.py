@@ -33,7 +33,7 @@ def test_synthia_absent_classes_and_no_donor_never_nan():
 
 def test_fewer_eligible_than_k_and_none_eligible():
     v = torch.tensor([0.2, 0.5, 0.9])
-    d = class_difficulty(v, num_hard=14, absent_classes=(0,))
+    d = class_difficulty(v, num_hard=3, absent_classes=(0,))
     assert d.hard_classes.tolist() == [1, 2]
     none = class_difficulty(v, num_hard=2, has_donor=torch.zeros(3, dtype=torch.bool))
     assert none.hard_classes.numel() == 0 and none.probabilities.eq(0).all()

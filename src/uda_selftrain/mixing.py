@@ -130,6 +130,11 @@ def class_difficulty(
     v = _check_class_values(class_values)
     c = v.shape[0]
     check_positive_int("num_hard", num_hard)
+    if num_hard > c:
+        raise ValueError(
+            f"num_hard must be at most the {c} classes, got {num_hard} (every class, the majority "
+            "one included, would be hard); the paper's 14 is for 19 classes"
+        )
     eligible = torch.ones(c, dtype=torch.bool, device=v.device)
     for a in absent_classes:
         if not 0 <= int(a) < c:
@@ -438,6 +443,15 @@ class DonorDraw(NamedTuple):
 
     classes: torch.Tensor
     donors: torch.Tensor
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """bool, same shape: the real donors (false on the -1 padding of :meth:`DonorSampler.draw_batch`).
+
+        Pass it as ``donor_valid``: without it, padding slots would paste whatever image index
+        they are clamped to.
+        """
+        return self.donors >= 0
 
 
 class DonorSampler:
