@@ -121,6 +121,7 @@ class Config:
     # run
     seed: int = 0
     accumulate: int = 1  # split each batch into this many micro-batches (gradient accumulation)
+    max_iters: int = 0  # dry run: at most this many iterations per stage and one round (0: off)
     amp: bool = False
     amp_dtype: str = "bf16"
     device: str = "cpu"
@@ -575,6 +576,16 @@ def parse_args(
         v = getattr(args, f.name, None)
         if f.name not in skip and v is not None:
             values[f.name] = tuple(v) if isinstance(v, list) else v
+    if values.get("max_iters"):  # dry run: every stage, a few iterations, one round
+        n = values["max_iters"]
+        cfg0 = Config(preset=args.preset, **{k: v for k, v in values.items()})
+        values.update(
+            source_iters=min(n, cfg0.source_iters),
+            warmup_iters=min(n, cfg0.warmup_iters),
+            round_iters=min(n, cfg0.round_iters),
+            rounds=min(1, cfg0.rounds),
+            checkpoint_every=max(1, n),
+        )
     if args.preset not in ("synthetic", "things") and "run_dir" not in values:
         values["run_dir"] = f"runs/{args.preset}"
     return Config(preset=args.preset, **values), args.ablation, args.seeds or []
@@ -833,6 +844,42 @@ def resume_finished_stage(stage_dir: Path) -> None:
         set_rng_state(torch.load(path, weights_only=False))
 
 
+class StageCost:
+    """Logs a stage's wall time (per iteration too), peak RSS and peak GPU memory when it ends."""
+
+    def __init__(
+        self, log: MetricsLog, name: str, device: torch.device, *, iterations: int = 0
+    ) -> None:
+        self.log, self.name, self.device, self.iterations = log, name, device, iterations
+
+    def __enter__(self) -> StageCost:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - self.start
+        record: dict[str, Any] = {"seconds": round(seconds, 3), "peak_rss_mib": peak_rss_mib()}
+        if self.iterations:
+            record["seconds_per_iteration"] = round(seconds / self.iterations, 4)
+        if self.device.type == "cuda":
+            record["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20)
+        self.log(stage=self.name, event="cost", **record)
+
+
+def peak_rss_mib() -> int:
+    """This process's peak resident memory so far (MiB; Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10))
+
+
 class StageRun:
     """Run management of one training stage, so that the stage's code is only its algorithm.
 
@@ -867,6 +914,7 @@ class StageRun:
         self.stage_dir, self.name, self.total, self.cfg, self.log = stage_dir, name, total, cfg, log
         self.generator, self.objects, self.tensors = generator, objects, tensors or {}
         self.ckpt = stage_dir / "ckpt.pt"
+        self.device = device
         self.state = load_training_state(self.ckpt, device, **objects)
         self.start = self.state["iteration"] if self.state else 0
         if self.state:
@@ -881,7 +929,8 @@ class StageRun:
         self.bar = progress(
             total=self.total, initial=self.start, desc=self.name, quiet=self.cfg.quiet
         )
-        yield from range(self.start, self.total)
+        with StageCost(self.log, self.name, self.device, iterations=self.total - self.start):
+            yield from range(self.start, self.total)
         self.bar.close()
 
     def step_done(self, it: int, lr: float, **scalars: torch.Tensor) -> None:

@@ -34,6 +34,7 @@ from _pipeline_utils import (
     Config,
     IterationBatches,
     MetricsLog,
+    StageCost,
     StageRun,
     barrier,
     build_data,
@@ -210,15 +211,16 @@ def generate_pseudo_labels(
     def report(step: int, total: int) -> None:
         bar.update(step - bar.n)
 
-    stats = ust.generate_pseudo_labels(
-        unwrap_model(model),
-        target,
-        build_selector(cfg, device),
-        round_dir,
-        batch_size=cfg.pl_batch,
-        device=device,
-        progress=report,
-    )
+    with StageCost(log, f"{round_dir.name}/pseudo_labels", device, iterations=0 if done else steps):
+        stats = ust.generate_pseudo_labels(
+            unwrap_model(model),
+            target,
+            build_selector(cfg, device),
+            round_dir,
+            batch_size=cfg.pl_batch,
+            device=device,
+            progress=report,
+        )
     bar.close()
     if not done and is_main_process():
         summary = json.loads((round_dir / "stats" / "done.json").read_text())
@@ -409,14 +411,15 @@ def stage_eval(
     path = run_dir / name / "eval.json"
     if path.is_file():
         return json.loads(path.read_text())
-    scores = evaluate(
-        model,
-        val,
-        cfg,
-        device,
-        desc=f"eval {name}",
-        save_predictions=run_dir / name / "predictions",
-    )
+    with StageCost(log, f"{name}/eval", device, iterations=len(val)):
+        scores = evaluate(
+            model,
+            val,
+            cfg,
+            device,
+            desc=f"eval {name}",
+            save_predictions=run_dir / name / "predictions",
+        )
     if is_main_process():
         atomic_save_json(path, scores)
         log(stage=name, event="eval", miou=scores["miou"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+from uda_selftrain import augment
 from uda_selftrain.augment import (
     COLOUR_OPS,
     ColourParams,
@@ -129,7 +130,11 @@ def test_equalize_posterize_solarize_grayscale_match_pil():
         assert torch.equal(out[i, 0], out[i, 1]) and torch.equal(out[i, 1], out[i, 2])
 
 
-def test_gaussian_blur_matches_scipy_per_sample_kernels():
+@pytest.mark.parametrize("batched", [False, True], ids=["cpu-loop", "accelerator-conv"])
+def test_gaussian_blur_matches_scipy_per_sample_kernels(monkeypatch, batched):
+    """Both forms (the CPU's per-sample shifted adds, the accelerators' one depthwise convolution
+    per direction, forced on the CPU here) against scipy."""
+    monkeypatch.setattr(augment, "_BATCHED_BLUR_ON_CPU", batched)
     x = torch.rand(3, 3, 30, 50, dtype=torch.float64)
     p = _params_for(COLOUR_OPS.index("gaussian_blur"), 3)
     p = p._replace(blur_kernel=torch.tensor([3, 9, 41]))

@@ -65,3 +65,19 @@ def test_bench_mixing():
     ratio = float(re.search(r"speed-up: (\S+)x", out).group(1))
     expected = ms["reference (per-sample numpy/PIL)"] / ms["ours, paste_views (geometry first)"]
     assert ratio == pytest.approx(expected, rel=0.06, abs=0.06)  # printed to one decimal
+
+
+def test_gpu_check_fails_loudly_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run for minutes")
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--out", "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "CUDA is not available" in done.stderr and "FAILED" in done.stderr

@@ -290,6 +290,7 @@ def test_accelerator_code_paths_end_to_end(tiny_run, monkeypatch):
     from uda_selftrain import _histogram, augment
 
     monkeypatch.setattr(augment, "_NATIVE_UINT8_ON_CPU", False)
+    monkeypatch.setattr(augment, "_BATCHED_BLUR_ON_CPU", True)
     monkeypatch.setattr(_histogram, "_FORCE_SYNC_FREE", True)
     assert run(tiny_run, "accelerator-paths") == 0
     a = json.loads((tiny_run / "a" / "results.json").read_text())
@@ -465,3 +466,35 @@ def test_gradient_accumulation_runs_every_stage(tiny_run):
     assert set(results) == {"source_only", "warmup", "round1"}
     with pytest.raises(SystemExit, match="accumulate"):
         run(tiny_run, "accumulate3", "--accumulate", "3")
+
+
+@pytest.mark.slow
+def test_paper_preset_dry_run_on_real_resolution_files(tmp_path):
+    """--max-iters: every stage of the gta5 and synthia presets (DeepLabV2-ResNet101) on the synthetic
+    city written at the real datasets' sizes and layouts, at reduced training sizes."""
+    from uda_selftrain.datasets import GTA5, SYNTHIA, Cityscapes, synthetic
+
+    root = synthetic.generate_real_resolution(tmp_path / "real", num_images=2, progress=False)
+    assert GTA5(root / "GTA5")[0]["image"].shape == (3, 1052, 1914)
+    synthia = SYNTHIA(root / "SYNTHIA")[0]
+    assert synthia["image"].shape == (3, 760, 1280)
+    assert not set(synthia["label"].unique().tolist()) & {9, 14, 16}
+    assert Cityscapes(root / "cityscapes", "val")[0]["label"].shape == (1024, 2048)
+    small = ["--batch-size", "2", "--crop-size", "64", "128", "--target-size", "96", "192"]
+    for preset, source in (("gta5", "GTA5"), ("synthia", "SYNTHIA")):
+        run_dir = tmp_path / preset
+        argv = ["--preset", preset, "--source-root", str(root / source)]
+        argv += ["--target-root", str(root / "cityscapes"), "--run-dir", str(run_dir)]
+        argv += ["--max-iters", "1", "--source-size", "90", "160", "--quiet", *small]
+        assert hiast_full.main(argv) == 0
+        results = json.loads((run_dir / "results.json").read_text())
+        assert set(results) == {"source_only", "warmup", "round1"}
+        assert (run_dir / "round1" / "stats" / "sample_class_stats.json").is_file()
+        costs = [
+            json.loads(line)
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"cost"' in line
+        ]
+        stages = {c["stage"] for c in costs}
+        assert {"source_only", "warmup", "round1", "round1/pseudo_labels", "round1/eval"} <= stages
+        assert all(c["peak_rss_mib"] > 0 and c["seconds"] >= 0 for c in costs)

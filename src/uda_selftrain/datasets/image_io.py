@@ -117,6 +117,23 @@ def write_label(path: str | os.PathLike[str], labels: np.ndarray) -> None:
     _write(path, _pil().fromarray(arr.astype(np.uint8), "L"))
 
 
+def write_label16(path: str | os.PathLike[str], labels: np.ndarray) -> None:
+    """Write ``(H, W)`` class ids (0–65535) into channel 0 of a 16-bit RGBA PNG, as SYNTHIA ships
+    its labels (channel 1 holds the same ids, 2 zeros, alpha full), atomically. Needs OpenCV."""
+    cv2 = _cv2()
+    arr = np.asarray(labels)
+    if arr.ndim != 2 or arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+        raise ValueError(f"labels must be a 2-D array with values in [0, 65535], got {arr.shape}")
+    ids = arr.astype(np.uint16)
+    # OpenCV orders channels BGRA: red (channel 0 of the file) is index 2.
+    bgra = np.stack([np.zeros_like(ids), ids, ids, np.full_like(ids, 65535)], axis=-1)
+    ok, buf = cv2.imencode(".png", bgra)
+    if not ok:
+        raise OSError(f"cannot encode a 16-bit PNG for {path}")
+    with atomic_open(path, "wb") as f:
+        f.write(buf.tobytes())
+
+
 def _write(path: str | os.PathLike[str], im: Any) -> None:
     fmt = "PNG" if str(path).lower().endswith(".png") else None
     with atomic_open(path, "wb") as f:

@@ -41,7 +41,15 @@ import numpy as np
 from ..atomic import atomic_save_json
 from .labels import CITYSCAPES_LABELID_TO_TRAINID
 
-__all__ = ["PRESETS", "SyntheticCityConfig", "generate", "render_image", "sample_layout"]
+__all__ = [
+    "PRESETS",
+    "REAL_SIZES",
+    "SyntheticCityConfig",
+    "generate",
+    "generate_real_resolution",
+    "render_image",
+    "sample_layout",
+]
 
 #: train id → Cityscapes label id, for writing labels in the real format.
 TRAINID_TO_LABELID = {v: k for k, v in CITYSCAPES_LABELID_TO_TRAINID.items()}
@@ -361,6 +369,73 @@ def generate(
     return out
 
 
+#: (height, width) of the real datasets' images.
+REAL_SIZES = {"gta5": (1052, 1914), "synthia": (760, 1280), "cityscapes": (1024, 2048)}
+
+
+def generate_real_resolution(
+    out: str | Path, *, num_images: int = 3, seed: int = 0, progress: bool = True
+) -> Path:
+    """The synthetic city at the real datasets' resolutions, in their real layouts.
+
+    Writes ``out/GTA5`` (``images``/``labels``, 1914 × 1052, Cityscapes label ids),
+    ``out/SYNTHIA`` (``RGB``/``GT/LABELS``, 1280 × 760, 16-bit labels with SYNTHIA's class ids in
+    channel 0; terrain, truck and train absent as in SYNTHIA) and ``out/cityscapes``
+    (``leftImg8bit``/``gtFine`` ``train`` and ``val``, 2048 × 1024, ``*_gtFine_labelIds.png``),
+    ``num_images`` each — enough to run every stage of a paper preset for a few iterations
+    (``examples/hiast_full.py --max-iters``). Needs the ``data`` extra (OpenCV writes the 16-bit
+    labels). Returns ``out``; an existing complete folder is kept.
+    """
+    from .image_io import write_label16, write_rgb
+    from .labels import SYNTHIA_ID_TO_TRAINID
+
+    out = Path(out)
+    meta_path = out / "meta.json"
+    wanted = {"real_resolution": True, "num_images": num_images, "seed": seed, "version": 1}
+    if meta_path.is_file() and json.loads(meta_path.read_text()) == wanted:
+        return out
+    to_synthia = np.zeros(256, dtype=np.uint16)  # void (0) for ignore and SYNTHIA's absent classes
+    for synthia_id, train_id in SYNTHIA_ID_TO_TRAINID.items():
+        if train_id not in (TERRAIN, TRUCK, TRAIN):
+            to_synthia[train_id] = synthia_id
+    src_pal, tgt_pal = _palettes(seed)
+    jobs = [("gta5", i) for i in range(num_images)] + [("synthia", i) for i in range(num_images)]
+    jobs += [("train", i) for i in range(num_images)] + [("val", i) for i in range(num_images)]
+    for k, (part, i) in enumerate(jobs):
+        rng = np.random.default_rng([seed, 10 + ["gta5", "synthia", "train", "val"].index(part), i])
+        h, w = REAL_SIZES["cityscapes" if part in ("train", "val") else part]
+        lab = sample_layout(rng, h, w, scale=0.8 if part in ("train", "val") else 1.0)
+        img = render_image(
+            lab,
+            rng,
+            tgt_pal if part in ("train", "val") else src_pal,
+            real=part in ("train", "val"),
+        )
+        if part == "gta5":
+            _write_pair(
+                out / "GTA5" / "images" / f"{i:05d}.png",
+                out / "GTA5" / "labels" / f"{i:05d}.png",
+                img,
+                lab,
+            )
+        elif part == "synthia":
+            lab = np.where(np.isin(lab, (TERRAIN, TRUCK, TRAIN)), 255, lab)
+            write_rgb(out / "SYNTHIA" / "RGB" / f"{i:07d}.png", img)
+            write_label16(out / "SYNTHIA" / "GT" / "LABELS" / f"{i:07d}.png", to_synthia[lab])
+        else:
+            stem = f"synth_{i:06d}_000019"
+            _write_pair(
+                out / "cityscapes" / "leftImg8bit" / part / "synth" / f"{stem}_leftImg8bit.png",
+                out / "cityscapes" / "gtFine" / part / "synth" / f"{stem}_gtFine_labelIds.png",
+                img,
+                lab,
+            )
+        if progress:
+            print(f"real-resolution city: {k + 1}/{len(jobs)} images", file=sys.stderr)
+    atomic_save_json(meta_path, wanted)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m uda_selftrain.datasets.synthetic",
@@ -374,7 +449,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-target-train", type=int, default=None)
     parser.add_argument("--num-target-val", type=int, default=None)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--real-resolution",
+        type=int,
+        metavar="N",
+        default=None,
+        help="instead: N images each of GTA5, SYNTHIA and Cityscapes at their real sizes and layouts",
+    )
     args = parser.parse_args(argv)
+    if args.real_resolution is not None:
+        generate_real_resolution(
+            args.out, num_images=args.real_resolution, seed=args.seed or 0, progress=not args.quiet
+        )
+        return 0
     cfg = asdict(PRESETS[args.preset])
     for key in ("seed", "num_source", "num_target_train", "num_target_val"):
         if getattr(args, key) is not None:
