@@ -118,6 +118,7 @@ class Config:
     # guards against minority-class collapse (off by default: the paper's behaviour)
     source_weight: float = 0.0  # keep source CE (this weight) in every self-training step
     min_threshold: float = 0.0  # floor under the IAS thresholds
+    rampup_iters: int = 0  # ramp the regularisation and consistency weights up over this many
     # run
     seed: int = 0
     accumulate: int = 1  # split each batch into this many micro-batches (gradient accumulation)

@@ -250,8 +250,12 @@ def hiast_step(
     hard_mask: torch.Tensor | None,
     gen: torch.Generator,
     device: torch.device,
+    ramp: float = 1.0,
 ) -> tuple[ust.HIASTLossOutput, torch.Tensor | None]:
-    """The paper's training step; returns the loss terms and the pasted class per pixel."""
+    """The paper's training step; returns the loss terms and the pasted class per pixel.
+
+    ``ramp`` scales the regularisation and consistency weights (a guard; 1 = the paper).
+    """
     images, labels = batch["image"].to(device), batch["label"].to(device)
     if hard_mask is not None:  # hard-aware copy-paste of the donors' hard classes, then the views
         v = paste_views(
@@ -271,8 +275,28 @@ def hiast_step(
     if cfg.consistency:
         with torch.no_grad():
             teacher_logits = teacher(v.weak).float()  # the teacher the weak one
-    out = loss_fn(logits.float(), v.maps[0].long(), teacher_logits)
+    if ramp == 1.0:
+        out = loss_fn(logits.float(), v.maps[0].long(), teacher_logits)
+    else:
+        reg = loss_fn.regularisation
+        out = ust.hiast_loss(
+            logits.float(),
+            v.maps[0].long(),
+            teacher_logits,
+            ce_weight=loss_fn.ce_weight,
+            smoothing_weight=ramp * reg.smoothing_weight,
+            entropy_weight=ramp * reg.entropy_weight,
+            consistency_weight=ramp * loss_fn.consistency_weight,
+            consistency_region=loss_fn.consistency.region,
+        )
     return out, (v.maps[1] if hard_mask is not None else None)
+
+
+def rampup(it: int, length: int) -> float:
+    """Sigmoid ramp-up ``exp(−5 (1 − t)²)``, ``t = it / length`` (Laine & Aila); 1 when off."""
+    if length <= 0 or it >= length:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - it / length) ** 2)
 
 
 def round_components(
@@ -368,7 +392,16 @@ def self_train(
         for part, batch in enumerate(micro_batches(next(batches), a)):
             with amp.autocast():
                 out, pasted_map = hiast_step(
-                    cfg, batch, net, teacher, loss_fn, views, hard_mask, gen, device
+                    cfg,
+                    batch,
+                    net,
+                    teacher,
+                    loss_fn,
+                    views,
+                    hard_mask,
+                    gen,
+                    device,
+                    rampup(it, cfg.rampup_iters),
                 )
                 loss = out.total
                 if sources:  # guard: keep source supervision

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -458,10 +459,17 @@ def test_a_kill_in_any_stage_resumes_to_bit_identical_weights(tiny_run, monkeypa
     assert len(evals) == len(set(evals))  # no stage evaluated (logged) twice
 
 
-def test_gradient_accumulation_runs_every_stage(tiny_run):
-    """--accumulate 2 splits each batch in two micro-batches in every training stage."""
+def test_gradient_accumulation_and_the_guards_run(tiny_run):
+    """--accumulate 2 splits each batch in two micro-batches in every training stage; the collapse
+    guards (source CE, threshold floor, ramp-up) run with it."""
     name = "accumulate"
-    assert run(tiny_run, name, "--accumulate", "2", "--rounds", "1") == 0
+    guards = ["--source-weight", "0.5", "--min-threshold", "0.6", "--rampup-iters", "4"]
+    assert run(tiny_run, name, "--accumulate", "2", "--rounds", "1", *guards) == 0
+    thresholds = json.loads((tiny_run / name / "round1" / "diagnostics.json").read_text())[
+        "thresholds"
+    ]
+    assert min(thresholds) >= 0.6 - 1e-6
+    assert hiast_full.rampup(0, 4) == pytest.approx(math.exp(-5)) and hiast_full.rampup(4, 4) == 1.0
     results = json.loads((tiny_run / name / "results.json").read_text())
     assert set(results) == {"source_only", "warmup", "round1"}
     with pytest.raises(SystemExit, match="accumulate"):
