@@ -522,6 +522,11 @@ def _diagnostics_plot(run_dir: Path, plt: Any) -> None:
     plt.close(fig)
 
 
+def mean_std(values: list[float]) -> str:
+    """``"mean ± std"`` of fractions in percent (sample std, ddof 1; the mean alone for one value)."""
+    return _mean_std(values)
+
+
 def _mean_std(values: list[float]) -> str:
     a = 100 * np.asarray(values, dtype=float)
     return f"{a.mean():.1f} ± {a.std(ddof=1):.1f}" if len(a) > 1 else f"{a.mean():.1f}"

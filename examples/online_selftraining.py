@@ -25,6 +25,7 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from _pipeline_utils import (
@@ -34,6 +35,7 @@ from _pipeline_utils import (
     build_model,
     evaluate,
     loader,
+    mean_std,
     progress,
     seed_everything,
 )
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--width", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: mean ± std")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/online")
     p.add_argument("--quiet", action="store_true")
@@ -171,18 +174,26 @@ def main(argv: list[str] | None = None) -> int:
         cfg.crop_size = (32, 64)
     data = build_data(cfg)
     results = {}
+    seeds = args.seeds or [args.seed]
     for v in args.variants:
         opts = {
             k: (v == "hiast" and getattr(args, k))
             for k in ("ias", "hpla", "regularisation", "consistency")
         }
         start = time.perf_counter()
+        per_seed = [
+            run_variant(v, opts, argparse.Namespace(**{**vars(args), "seed": s}), cfg, data)
+            for s in seeds
+        ]
         results[v] = {
-            "miou": run_variant(v, opts, args, cfg, data),
+            "miou": float(np.mean(per_seed)),
+            "miou_std": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else None,
+            "miou_per_seed": per_seed,
+            "seeds": seeds,
             "components": opts,
             "seconds": round(time.perf_counter() - start, 1),
         }
-        print(f"{v}: mIoU {100 * results[v]['miou']:.1f} ({results[v]['seconds']}s)")
+        print(f"{v}: mIoU {mean_std(per_seed)} (seeds {seeds}, {results[v]['seconds']}s)")
     atomic_save_json(Path(args.out) / "results.json", {"args": vars(args), "results": results})
     return 0
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ from _pipeline_utils import (
     build_model,
     evaluate,
     loader,
+    mean_std,
     progress,
     seed_everything,
     source_batch,
@@ -109,46 +109,15 @@ def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, de
     return evaluate(final, val, cfg, device, desc=f"eval {desc}")["miou"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5])
-    p.add_argument("--data-dir", default="data/synthetic_city")
-    p.add_argument("--synthetic-preset", default="default", choices=["default", "tiny"])
-    p.add_argument("--iters", type=int, default=300, help="steps of each phase")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--ema", type=float, default=0.99)
-    p.add_argument(
-        "--unsup-weight", type=float, default=1.0, help="weight of the self-training loss"
-    )
-    p.add_argument(
-        "--rampup", type=float, default=0.0, help="fraction of steps to ramp it up over (0: none)"
-    )
-    p.add_argument("--width", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/semi_supervised")
-    p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    cfg = Config(data_dir=args.data_dir, width=args.width, quiet=args.quiet, device=args.device)
-    if args.synthetic_preset == "tiny":
-        cfg.crop_size = (32, 64)
-    root = Path(args.data_dir)
-    synthetic.generate(root, synthetic.PRESETS[args.synthetic_preset], progress=not args.quiet)
-    train_set = Cityscapes(root / "target", "train")  # the synthetic target train split has labels
-    val = Cityscapes(root / "target", "val")
-    device = torch.device(args.device)
-    order = torch.randperm(
-        len(train_set), generator=torch.Generator().manual_seed(args.seed)
-    ).tolist()
+def run_fractions(args, cfg, train_set, val, device, seed: int) -> dict[str, dict]:
+    """Supervised-only and semi-supervised training for every labelled fraction, one seed."""
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
+    args = argparse.Namespace(**{**vars(args), "seed": seed})
     results = {}
     for f in args.fractions:
         k = max(args.batch_size, round(f * len(train_set)))
         labelled, unlabelled = Subset(train_set, order[:k]), Subset(train_set, order[k:])
-        seed_everything(args.seed)
-        start = time.perf_counter()
+        seed_everything(seed)
         base = build_model(cfg).to(device)
         train(base, labelled, None, val, cfg, args, device, semi=False, desc=f"{f:g} warm")
         sup = train(
@@ -173,14 +142,59 @@ def main(argv: list[str] | None = None) -> int:
             semi=True,
             desc=f"{f:g} hiast",
         )
+        results[str(f)] = {"labelled": k, "supervised_only": sup, "hiast": semi}
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5])
+    p.add_argument("--data-dir", default="data/synthetic_city")
+    p.add_argument("--synthetic-preset", default="default", choices=["default", "tiny"])
+    p.add_argument("--iters", type=int, default=300, help="steps of each phase")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--ema", type=float, default=0.99)
+    p.add_argument(
+        "--unsup-weight", type=float, default=1.0, help="weight of the self-training loss"
+    )
+    p.add_argument(
+        "--rampup", type=float, default=0.0, help="fraction of steps to ramp it up over (0: none)"
+    )
+    p.add_argument("--width", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: mean ± std")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/semi_supervised")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    cfg = Config(data_dir=args.data_dir, width=args.width, quiet=args.quiet, device=args.device)
+    if args.synthetic_preset == "tiny":
+        cfg.crop_size = (32, 64)
+    root = Path(args.data_dir)
+    synthetic.generate(root, synthetic.PRESETS[args.synthetic_preset], progress=not args.quiet)
+    train_set = Cityscapes(root / "target", "train")  # the synthetic target train split has labels
+    val = Cityscapes(root / "target", "val")
+    device = torch.device(args.device)
+    runs = {
+        str(s): run_fractions(args, cfg, train_set, val, device, s)
+        for s in args.seeds or [args.seed]
+    }
+    results = {}
+    for f in args.fractions:
+        rows = [r[str(f)] for r in runs.values()]
         results[str(f)] = {
-            "labelled": k,
-            "supervised_only": sup,
-            "hiast": semi,
-            "seconds": round(time.perf_counter() - start, 1),
+            "labelled": rows[0]["labelled"],
+            "supervised_only": [r["supervised_only"] for r in rows],
+            "hiast": [r["hiast"] for r in rows],
+            "seeds": list(runs),
         }
         print(
-            f"fraction {f:g} ({k} labelled): supervised only {100 * sup:.1f}, with HIAST {100 * semi:.1f} mIoU"
+            f"fraction {f:g} ({rows[0]['labelled']} labelled): supervised only "
+            f"{mean_std([r['supervised_only'] for r in rows])}, with HIAST "
+            f"{mean_std([r['hiast'] for r in rows])} mIoU (seeds {list(runs)})"
         )
     atomic_save_json(Path(args.out) / "results.json", {"args": vars(args), "results": results})
     return 0

@@ -249,17 +249,17 @@ def test_online_and_semi_supervised_examples_run(tiny_run, tmp_path):
 
     data = str(tiny_run / "data")
     common = ["--synthetic-preset", "tiny", "--data-dir", data, "--width", "8", "--quiet"]
-    assert online_selftraining.main([*common, "--iters", "3", "--out", str(tmp_path / "o")]) == 0
+    out = str(tmp_path / "o")
+    assert (
+        online_selftraining.main([*common, "--iters", "3", "--out", out, "--seeds", "0", "1"]) == 0
+    )
     res = json.loads((tmp_path / "o" / "results.json").read_text())["results"]
     assert set(res) == {"baseline", "hiast"} and res["hiast"]["components"]["ias"]
-    assert (
-        semi_supervised.main(
-            [*common, "--iters", "2", "--fractions", "0.5", "--out", str(tmp_path / "s")]
-        )
-        == 0
-    )
+    assert len(res["hiast"]["miou_per_seed"]) == 2 and res["hiast"]["miou_std"] is not None
+    semi = [*common, "--iters", "2", "--fractions", "0.5", "--out", str(tmp_path / "s")]
+    assert semi_supervised.main([*semi, "--seeds", "0", "1"]) == 0
     res = json.loads((tmp_path / "s" / "results.json").read_text())["results"]
-    assert 0 <= res["0.5"]["hiast"] <= 1 and 0 <= res["0.5"]["supervised_only"] <= 1
+    assert len(res["0.5"]["hiast"]) == 2 and all(0 <= v <= 1 for v in res["0.5"]["supervised_only"])
 
 
 def test_evaluate_example(tiny_run, tmp_path):
