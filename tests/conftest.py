@@ -17,6 +17,19 @@ def golden() -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
+@pytest.fixture
+def golden_loss_inputs(golden, device):
+    """The golden loss inputs on ``device``: ``make(requires_grad=False) -> (logits, teacher, labels)``."""
+
+    def make(requires_grad: bool = False):
+        x = torch.tensor(golden["loss_student_logits"], device=device, requires_grad=requires_grad)
+        t = torch.tensor(golden["loss_teacher_logits"], device=device)
+        y = torch.tensor(golden["loss_pseudo_labels"], device=device)
+        return x, t, y
+
+    return make
+
+
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)

@@ -11,21 +11,13 @@ import torch
 import uda_selftrain as ust
 from uda_selftrain.mixing import ClassStatistics
 
-
-def _golden_inputs(golden, device, requires_grad=False):
-    x = torch.tensor(golden["loss_student_logits"], device=device, requires_grad=requires_grad)
-    t = torch.tensor(golden["loss_teacher_logits"], device=device)
-    y = torch.tensor(golden["loss_pseudo_labels"], device=device)
-    return x, t, y
-
-
 # --------------------------------------------------------------------------------------------
 # RegionAdaptiveLoss / ConsistencyLoss / HIASTLoss
 # --------------------------------------------------------------------------------------------
 
 
-def test_region_adaptive_loss_golden(golden, device):
-    x, _, y = _golden_inputs(golden, device)
+def test_region_adaptive_loss_golden(golden, golden_loss_inputs):
+    x, _, y = golden_loss_inputs()
     out = ust.RegionAdaptiveLoss()(x, y)
     fn = ust.region_adaptive_loss(x, y)
     np.testing.assert_allclose(out.smoothing.item(), golden["loss_kld_confident"], rtol=1e-5)
@@ -36,8 +28,8 @@ def test_region_adaptive_loss_golden(golden, device):
 
 
 @pytest.mark.parametrize("region", ["ignored", "confident", "all"])
-def test_consistency_loss_module_golden(golden, device, region):
-    x, t, y = _golden_inputs(golden, device)
+def test_consistency_loss_module_golden(golden, golden_loss_inputs, region):
+    x, t, y = golden_loss_inputs()
     value = ust.ConsistencyLoss(region=region)(x, t, y)
     np.testing.assert_allclose(value.item(), golden[f"loss_consistency_softce_{region}"], rtol=1e-5)
     assert torch.equal(value, ust.consistency_loss(x, t, y, region=region))

@@ -16,15 +16,8 @@ from uda_selftrain import (
 )
 
 
-def _golden_inputs(golden, device, requires_grad=False):
-    x = torch.tensor(golden["loss_student_logits"], device=device, requires_grad=requires_grad)
-    t = torch.tensor(golden["loss_teacher_logits"], device=device)
-    y = torch.tensor(golden["loss_pseudo_labels"], device=device)
-    return x, t, y
-
-
-def test_golden_terms(golden, device):
-    x, t, y = _golden_inputs(golden, device)
+def test_golden_terms(golden, golden_loss_inputs):
+    x, t, y = golden_loss_inputs()
     close = {"rtol": 1e-5, "atol": 0}
     np.testing.assert_allclose(pseudo_label_ce(x, y).item(), golden["loss_ce"], **close)
     np.testing.assert_allclose(smoothing_loss(x, y).item(), golden["loss_kld_confident"], **close)
@@ -37,8 +30,8 @@ def test_golden_terms(golden, device):
         )
 
 
-def test_golden_total_and_gradient(golden, device):
-    x, t, y = _golden_inputs(golden, device, requires_grad=True)
+def test_golden_total_and_gradient(golden, golden_loss_inputs):
+    x, t, y = golden_loss_inputs(requires_grad=True)
     out = HIASTLoss()(x, y, t)
     np.testing.assert_allclose(out.total.item(), golden["loss_total_hiast"], rtol=1e-5)
     np.testing.assert_allclose(out.ce.item(), golden["loss_ce"], rtol=1e-5)
@@ -197,8 +190,13 @@ def test_bad_inputs():
 
 @pytest.mark.cuda
 def test_cuda_matches_cpu(golden):
-    x, t, y = _golden_inputs(golden, "cpu", requires_grad=True)
-    xc, tc, yc = _golden_inputs(golden, "cuda", requires_grad=True)
+    def inputs(device):
+        x = torch.tensor(golden["loss_student_logits"], device=device, requires_grad=True)
+        t = torch.tensor(golden["loss_teacher_logits"], device=device)
+        return x, t, torch.tensor(golden["loss_pseudo_labels"], device=device)
+
+    x, t, y = inputs("cpu")
+    xc, tc, yc = inputs("cuda")
     a, b = hiast_loss(x, y, t).total, hiast_loss(xc, yc, tc).total
     a.backward()
     b.backward()
