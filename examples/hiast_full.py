@@ -19,6 +19,7 @@ Ablations from the command line: ``--selector {ias,constant,argmax,cbst}``, ``--
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -211,7 +212,8 @@ def generate_pseudo_labels(
     def report(step: int, total: int) -> None:
         bar.update(step - bar.n)
 
-    with StageCost(log, f"{round_dir.name}/pseudo_labels", device, iterations=0 if done else steps):
+    cost = StageCost(log, f"{round_dir.name}/pseudo_labels", device, iterations=steps)
+    with cost if not done else contextlib.nullcontext():
         stats = ust.generate_pseudo_labels(
             unwrap_model(model),
             target,

@@ -490,6 +490,112 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
 ]
 
 
+MORE_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
+    ("DonorSampler", lambda: ust.DonorSampler([1, 2]), TypeError, "stats"),
+    (
+        "DonorSampler",
+        lambda: ust.DonorSampler(ClassStatistics(3), num_hard=0),
+        ValueError,
+        "num_hard",
+    ),
+    ("HardAwarePaste", lambda: ust.HardAwarePaste(torch.ones(3)), TypeError, "hard_mask"),
+    (
+        "batch_donors",
+        lambda: ust.batch_donors(torch.rand(3, 8, 8), _y(3, 8, 8)),
+        ValueError,
+        "images",
+    ),
+    ("cbst_thresholds", lambda: ust.cbst_thresholds(torch.zeros(5)), ValueError, "histogram"),
+    (
+        "cbst_thresholds",
+        lambda: ust.cbst_thresholds(torch.zeros(2, 5, dtype=torch.long), proportion=2.0),
+        ValueError,
+        "proportion",
+    ),
+    ("class_counts", lambda: ust.class_counts(torch.zeros(3), 2), TypeError, "labels"),
+    (
+        "class_prior",
+        lambda: ust.class_prior(torch.zeros(3, dtype=torch.long), 0),
+        ValueError,
+        "num_classes",
+    ),
+    ("classmix_masks", lambda: ust.classmix_masks(torch.zeros(1, 4, 4), 3), TypeError, "labels"),
+    ("colour_params", lambda: ust.colour_params(0), ValueError, "n"),
+    (
+        "crop_params",
+        lambda: ust.crop_params(2, (8, 8), height_range=(0.5, 2)),
+        ValueError,
+        "height_range",
+    ),
+    (
+        "generate_pseudo_labels",
+        lambda: ust.generate_pseudo_labels(nn.Conv2d(3, 2, 1), [], nn.Identity(), "unused"),
+        TypeError,
+        "Selector",
+    ),
+    ("get_protocol", lambda: ust.get_protocol("cityscape"), ValueError, "unknown protocol"),
+    ("miou", lambda: ust.miou(torch.zeros(3)), ValueError, "confusion"),
+    ("pixel_accuracy", lambda: ust.pixel_accuracy(torch.zeros(2, 2, 2)), ValueError, "confusion"),
+    ("pixel_weights", lambda: ust.pixel_weights(torch.zeros(2, 2), (4, 4)), ValueError, "weight"),
+    (
+        "pixel_weights",
+        lambda: ust.pixel_weights(torch.zeros(2), (4, 4), torch.ones(2, 4, 4)),
+        ValueError,
+        "mix_mask",
+    ),
+    (
+        "predict_probabilities",
+        lambda: ust.predict_probabilities(nn.Conv2d(3, 2, 1), torch.zeros(1, 3, 4, 4), scales=(0,)),
+        ValueError,
+        "scales",
+    ),
+    (
+        "predict_probabilities",
+        lambda: ust.predict_probabilities(nn.Conv2d(3, 2, 1), torch.full((1, 3, 4, 4), 200.0)),
+        ValueError,
+        "[0, 1]",
+    ),
+    (
+        "pseudo_label_diagnostics",
+        lambda: ust.pseudo_label_diagnostics(
+            torch.tensor([-1, 1]), torch.tensor([0.5, 0.5]), total_pixels=4
+        ),
+        ValueError,
+        "class_pixels",
+    ),
+    ("CollapseMonitor", lambda: ust.CollapseMonitor(torch.tensor([NAN])), ValueError, "prior"),
+    ("region_masks", lambda: ust.region_masks(torch.zeros(1, 2, 2)), TypeError, "labels"),
+    ("select_argmax", lambda: ust.select_argmax(torch.zeros(2, 3, 3)), ValueError, "scores"),
+    ("select_constant", lambda: ust.select_constant(_x(), threshold=2.0), ValueError, "threshold"),
+    (
+        "selected_class_statistics",
+        lambda: ust.selected_class_statistics(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), 3),
+        TypeError,
+        "labels",
+    ),
+    (
+        "strong_colour",
+        lambda: ust.strong_colour(torch.rand(2, 3, 4, 4), ust.colour_params(3)),
+        ValueError,
+        "params",
+    ),
+    (
+        "weak_geometry",
+        lambda: ust.weak_geometry(
+            torch.rand(1, 3, 4, 4),
+            ust.CropParams(torch.tensor([[0, 0, 9, 9]]), torch.tensor([False])),
+            (2, 2),
+        ),
+        ValueError,
+        "boxes",
+    ),
+    ("unwrap_model", lambda: ust.unwrap_model("model"), TypeError, "model"),
+    ("set_value_checks", lambda: ust.set_value_checks("no"), TypeError, "enabled"),
+    ("value_checks", lambda: ust.value_checks("no").__enter__(), TypeError, "enabled"),
+]
+CASES += MORE_CASES
+
+
 @pytest.mark.parametrize(
     ("name", "call", "error", "word"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 )

@@ -90,29 +90,33 @@ def quality_table(runs: dict[str, Path], seeds: list[int], rounds: list[int], ta
     c = len(names)
     lines = [
         "| variant | round | all classes: selected % (precision %) | minority classes: selected % "
-        "(precision %) | background / majority: selected % (precision %) |",
-        "|---|---|---|---|---|",
+        "(precision %) | majority classes: selected % (precision %) | threshold, minority "
+        "(mean) | threshold, majority (mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
     details = []
     for label, run in runs.items():
         for k in rounds:
-            per_seed = []
+            per_seed, thresholds = [], []
             for s in seeds:
                 d = run / f"seed{s}" / f"round{k}"
                 if (d / "stats" / "done.json").is_file():
                     per_seed.append(pseudo_label_quality(d, target, table, c))
+                    thresholds.append(np.load(d / "stats" / "class_threshold.npy"))
             if not per_seed:
                 continue
             share = np.stack([p[0] for p in per_seed])
             prec = np.stack([p[1] for p in per_seed])
             truth = per_seed[0][2]
-            minority = truth < 0.05
+            minority = truth < 0.05  # the classes under 5 % of the target pixels
             sel_all = share.sum(1)
             ok_all = (np.nan_to_num(prec) * share).sum(1)
 
+            th = np.stack(thresholds)
             lines.append(
                 f"| {label} | {k} | {ms(sel_all)} ({ms(ok_all / np.maximum(sel_all, 1e-12))}) | "
-                f"{_group(share, prec, minority)} | {_group(share, prec, ~minority)} |"
+                f"{_group(share, prec, minority)} | {_group(share, prec, ~minority)} | "
+                f"{ms(th[:, minority].mean(1), 1, 3)} | {ms(th[:, ~minority].mean(1), 1, 3)} |"
             )
             details.append((label, k, share.mean(0), np.nanmean(prec, 0), truth))
     head = "| variant | round | " + " | ".join(names) + " |"

@@ -34,7 +34,9 @@ def set_value_checks(enabled: bool) -> None:
     >>> set_value_checks(False); set_value_checks(True)
     """
     global _DEFAULT
-    _DEFAULT = bool(enabled)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _DEFAULT = enabled
 
 
 def value_checks_enabled() -> bool:
@@ -53,8 +55,10 @@ def value_checks(enabled: bool) -> Iterator[None]:
     >>> with ust.value_checks(False):
     ...     loss = ust.pseudo_label_ce(torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, dtype=torch.long))
     """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
     previous = getattr(_LOCAL, "enabled", None)
-    _LOCAL.enabled = bool(enabled)
+    _LOCAL.enabled = enabled
     try:
         yield
     finally:

@@ -28,7 +28,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_float, check_labels
+from ._checks import check_finite, check_float, check_labels, check_tensor
 
 __all__ = [
     "ConsistencyLoss",
@@ -115,7 +115,10 @@ def region_masks(
     >>> conf.tolist(), ign.tolist()
     ([[[True, False]]], [[[False, True]]])
     """
-    confident = labels != ignore_index
+    t = check_tensor("labels", labels)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {t.dtype}")
+    confident = t != ignore_index
     return confident, ~confident
 
 

@@ -493,6 +493,8 @@ class DonorSampler:
         min_coverage: float = 0.5,
         drop_fraction: float = 0.1,
     ) -> None:
+        if not isinstance(stats, ClassStatistics):
+            raise TypeError(f"stats must be a ClassStatistics, got {type(stats).__name__}")
         self.max_donors = check_positive_int("max_donors", max_donors)
         self.min_coverage = check_unit_interval("min_coverage", min_coverage)
         self.difficulty = stats.difficulty(

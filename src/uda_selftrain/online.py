@@ -219,6 +219,14 @@ def pixel_weights(
     >>> pixel_weights(torch.tensor([0.5]), (1, 2), torch.tensor([[[True, False]]])).tolist()
     [[[1.0, 0.5]]]
     """
+    check_float("weight", weight, ndim=1, shape_hint="(N,)")
+    if mix_mask is not None:
+        m = check_tensor("mix_mask", mix_mask)
+        if m.dtype != torch.bool or tuple(m.shape) != (weight.shape[0], *size):
+            raise ValueError(
+                f"mix_mask must be a bool tensor of shape {(weight.shape[0], *size)}, got "
+                f"{tuple(m.shape)} {m.dtype}"
+            )
     w = weight.view(-1, 1, 1).expand(-1, *size)
     if mix_mask is not None:
         w = torch.where(mix_mask, torch.ones_like(w), w)

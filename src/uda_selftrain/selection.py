@@ -269,6 +269,14 @@ def selected_class_statistics(
     >>> n.tolist(), [round(x, 2) for x in s[0].tolist()]
     ([[1, 2]], [0.9, 1.4])
     """
+    lab = check_tensor("labels", labels)
+    if lab.is_floating_point() or lab.is_complex() or lab.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got dtype {lab.dtype}")
+    check_float("confidence", confidence)
+    if confidence.shape != labels.shape:
+        raise ValueError(
+            f"confidence must have the labels' shape {tuple(labels.shape)}, got {tuple(confidence.shape)}"
+        )
     n = labels.shape[0]
     c = num_classes
     flat = labels.reshape(n, labels[0].numel() if n else 0).to(torch.int32)
@@ -480,6 +488,11 @@ def cbst_thresholds(histogram: torch.Tensor, *, proportion: float = 0.2) -> torc
     tensor([0.9000])
     """
     check_unit_interval("proportion", proportion, open_low=True)
+    hist = check_tensor("histogram", histogram)
+    if hist.dim() != 2 or hist.is_floating_point() or hist.dtype == torch.bool:
+        raise ValueError(
+            f"histogram must be an integer (C, B) tensor of counts, got {tuple(hist.shape)} {hist.dtype}"
+        )
     bins = histogram.shape[1]
     total = histogram.sum(1)
     # Count from the top: the first bin (from the top) where the kept count reaches p · total.

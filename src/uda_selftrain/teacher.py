@@ -28,6 +28,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     >>> unwrap_model(nn.DataParallel(m)) is m
     True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
