@@ -592,11 +592,11 @@ class _SelectorState(nn.Module):
         self.class_pixels.add_(counts)
         self.num_instances.add_(1)
 
-    def _record(self, selection: Selection) -> Selection:
-        """Update the class values image by image from a selection (the baselines' path)."""
-        counts, sums = selected_class_statistics(
-            selection.labels, selection.confidence, self.num_classes
-        )
+    def _record(
+        self, labels: torch.Tensor, confidence: torch.Tensor, prediction: torch.Tensor
+    ) -> Selection:
+        """Count a selection once and update the class values image by image (the baselines)."""
+        counts, sums = selected_class_statistics(labels, confidence, self.num_classes)
         sync = self.sync and is_distributed()
         n = counts.shape[0]
         if sync:
@@ -609,12 +609,7 @@ class _SelectorState(nn.Module):
             n = n_max
         for i in range(n):
             self._update_class_values(counts[i], sums[i], sync)
-        return Selection(
-            selection.labels,
-            selection.confidence,
-            selection.prediction,
-            counts[: selection.labels.shape[0]],
-        )
+        return Selection(labels, confidence, prediction, counts[: labels.shape[0]])
 
 
 def _check_ignore_index(ignore_index: object, num_classes: int) -> int:
@@ -827,13 +822,9 @@ class ConstantThresholdSelector(_SelectorState):
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
         _check_scores(scores, self.num_classes)
+        conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
         return self._record(
-            select_constant(
-                scores,
-                threshold=self.threshold,
-                probabilities=probabilities,
-                ignore_index=self.ignore_index,
-            )
+            torch.where(conf >= self.threshold, pred, self.ignore_index), conf, pred
         )
 
 
@@ -871,7 +862,8 @@ class ArgmaxSelector(_SelectorState):
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
         _check_scores(scores, self.num_classes)
-        return self._record(select_argmax(scores, probabilities=probabilities))
+        conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
+        return self._record(pred, conf, pred)
 
 
 class CBSTSelector(_SelectorState):
@@ -959,4 +951,4 @@ class CBSTSelector(_SelectorState):
             )
         conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
         labels = select_with_thresholds(conf, pred, self.thresholds, ignore_index=self.ignore_index)
-        return self._record(Selection(labels, conf, pred, labels.new_zeros(0)))
+        return self._record(labels, conf, pred)
