@@ -319,3 +319,44 @@ def test_paste_views_uint8_float_path_matches_native_path(monkeypatch):
         assert torch.equal(a, b)
     # Normalised views: one grey level is 1/(255·0.224) ≈ 0.0175 at most.
     torch.testing.assert_close(other.weak, native.weak, rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.uint8])
+@pytest.mark.parametrize("out_size", [(20, 40), (57, 90)], ids=["down", "up"])
+def test_batched_geometry_matches_per_sample_interpolate(monkeypatch, dtype, out_size, device):
+    """The accelerators' batched gathers (forced on the CPU) against the CPU's per-sample
+    ``interpolate``: images up to float rounding, maps exactly, for flips, downscaling and
+    upscaling, crops of different sizes in one batch."""
+    monkeypatch.setattr(augment, "_NATIVE_UINT8_ON_CPU", False)
+    gen = torch.Generator().manual_seed(31)
+    if dtype == torch.uint8:
+        img = torch.randint(0, 256, (3, 3, 40, 80), generator=gen, dtype=torch.uint8)
+    else:
+        img = torch.rand(3, 3, 40, 80, generator=gen, dtype=dtype)
+    lab = torch.randint(0, 19, (3, 40, 80), generator=gen)
+    mask = torch.randint(0, 2, (3, 40, 80), generator=gen, dtype=torch.uint8)
+    params = CropParams(
+        torch.tensor([[3, 5, 30, 60], [0, 0, 40, 80], [11, 17, 13, 29]]),
+        torch.tensor([True, False, True]),
+    )
+    looped, looped_maps = weak_geometry(img, params, out_size, [lab, mask])
+    monkeypatch.setattr(augment, "_BATCHED_GEOMETRY_ON_CPU", True)
+    batched, batched_maps = weak_geometry(
+        img.to(device), params, out_size, [lab.to(device), mask.to(device)]
+    )
+    assert batched.dtype == looped.dtype and batched.shape == (3, 3, *out_size)
+    assert batched.device.type == device.type
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # float32 weights round differently
+    torch.testing.assert_close(batched.cpu(), looped, rtol=0, atol=tol)
+    for a, b in zip(batched_maps, looped_maps, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a.cpu(), b)
+
+
+def test_batched_geometry_identity_box_is_exact(monkeypatch):
+    monkeypatch.setattr(augment, "_BATCHED_GEOMETRY_ON_CPU", True)
+    img = torch.rand(2, 3, 8, 16)
+    lab = torch.arange(256).view(2, 8, 16)
+    p = CropParams(torch.tensor([[0, 0, 8, 16], [0, 0, 8, 16]]), torch.tensor([True, False]))
+    out, (lab_out,) = weak_geometry(img, p, (8, 16), [lab])
+    assert torch.equal(out[0], img[0].flip(-1)) and torch.equal(out[1], img[1])
+    assert torch.equal(lab_out[0], lab[0].flip(-1)) and torch.equal(lab_out[1], lab[1])

@@ -288,10 +288,12 @@ def test_accelerator_code_paths_end_to_end(tiny_run, monkeypatch):
     # The branches a GPU takes (float resizing of uint8 images, index_add_ histograms) forced on
     # the CPU: the whole pipeline must give nearly run "a"'s results (measured: within 0.003 mIoU;
     # the images reaching the model on the 0-255 scale, as before a fix, gave 0.023 vs 0.086).
-    from uda_selftrain import _histogram, augment
+    from uda_selftrain import _histogram, augment, losses
 
     monkeypatch.setattr(augment, "_NATIVE_UINT8_ON_CPU", False)
     monkeypatch.setattr(augment, "_BATCHED_BLUR_ON_CPU", True)
+    monkeypatch.setattr(augment, "_BATCHED_GEOMETRY_ON_CPU", True)
+    monkeypatch.setattr(losses, "_WHOLE_BATCH_LOSS_ON_CPU", True)
     monkeypatch.setattr(_histogram, "_FORCE_SYNC_FREE", True)
     assert run(tiny_run, "accelerator-paths") == 0
     a = json.loads((tiny_run / "a" / "results.json").read_text())

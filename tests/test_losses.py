@@ -90,6 +90,41 @@ def test_fused_matches_autograd_value_and_gradient(seed, n, c, ignored_fraction,
     assert torch.isfinite(ours)
 
 
+@pytest.mark.parametrize("region", ["ignored", "all"])
+def test_whole_batch_form_matches_per_image_form(monkeypatch, region, device):
+    """The accelerators' whole-batch fused loss (forced on a CPU) against the autograd
+    reference and the CPU's image-by-image form, value and gradient."""
+    from uda_selftrain import losses
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 5, 6, 7, generator=gen, dtype=torch.float64) * 3).to(device)
+    t = torch.randn(3, 5, 6, 7, generator=gen, dtype=torch.float64).to(device)
+    y = torch.randint(0, 5, (3, 6, 7), generator=gen)
+    y[torch.rand(3, 6, 7, generator=gen) < 0.4] = 255
+    y = y.to(device)
+
+    def value_and_grad():
+        a = x.clone().requires_grad_()
+        out = hiast_loss(a, y, t, consistency_region=region)
+        (g,) = torch.autograd.grad(out.total, a)
+        return torch.stack(list(out)), g
+
+    per_image, g_per_image = value_and_grad()
+    monkeypatch.setattr(losses, "_WHOLE_BATCH_LOSS_ON_CPU", True)
+    assert losses._chunks(x) == [slice(0, 3)]
+    whole, g_whole = value_and_grad()
+    a = x.clone().requires_grad_()
+    ref = _autograd_total(a, y, t, (1.0, 0.1, 1.0, 0.5), region, "reference")
+    (g_ref,) = torch.autograd.grad(ref, a)
+    torch.testing.assert_close(whole, per_image, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_whole, g_per_image, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole[0], ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_whole, g_ref, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda b: hiast_loss(b, y[:2], t[:2]).total, (x[:2].clone().requires_grad_(),)
+    )
+
+
 def test_gradcheck_float64():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)

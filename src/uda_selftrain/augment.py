@@ -231,8 +231,10 @@ def _nearest_index(start: int, length: int, out: int, device: torch.device) -> t
     return (start + ((u + 0.5) * (length / out)).floor().clamp(max=length - 1)).long()
 
 
-# Tests switch this off to run the accelerator (float) path on a CPU.
+# Tests switch this off to run the float resize of uint8 images on a CPU.
 _NATIVE_UINT8_ON_CPU = True
+# Tests switch this on to run the accelerator (batched gather) geometry on a CPU.
+_BATCHED_GEOMETRY_ON_CPU = False
 
 
 def weak_geometry(
@@ -245,8 +247,10 @@ def weak_geometry(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Apply crop, flip and resize: images bilinearly, each integer map (labels, masks) nearest.
 
-    Only the crop is read and converted to float (a view of the input per sample, then one
-    ``interpolate``), so the cost follows the output size, not the input's. Bilinear sampling uses
+    Only the crop is read and converted to float, so the cost follows the output size, not the
+    input's. On a CPU each sample's crop is a view resized by one ``interpolate``; on accelerators
+    the whole batch is resized at once by separable two-tap gathers (a fixed handful of kernels,
+    equal up to float rounding), since a loop over samples would be bound by kernel launches. Bilinear sampling uses
     pixel centres (``align_corners=False``); nearest sampling picks the pixel whose centre is closest
     to the output pixel's, so a label stays within half an output pixel of its image content.
 
@@ -290,10 +294,29 @@ def weak_geometry(
     ):
         raise ValueError(f"params.boxes must lie inside the {h_in}x{w_in} images")
     flips = params.flips.tolist()
+    if x.device.type != "cpu" or _BATCHED_GEOMETRY_ON_CPU:
+        out, out_maps = _geometry_batched(x, params, (out_h, out_w), maps)
+    else:
+        out, out_maps = _geometry_looped(x, boxes, flips, (out_h, out_w), maps)
+    if out.dtype == torch.uint8 and not keep_uint8:
+        out = _to_unit(out)
+    return out, out_maps
+
+
+def _geometry_looped(
+    x: torch.Tensor,
+    boxes: list[list[int]],
+    flips: list[bool],
+    out_size: tuple[int, int],
+    maps: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """CPU form: one ``interpolate`` per sample on a view of its crop."""
+    n = x.shape[0]
+    out_h, out_w = out_size
     # uint8 on the CPU is resized in uint8 (as PIL does; bilinear uint8 kernels exist there) and
     # converted once at the output size; elsewhere the crop is converted, then resized in float on
     # the 0-255 scale and divided by 255 at the output size.
-    native_u8 = x.dtype == torch.uint8 and x.device.type == "cpu" and _NATIVE_UINT8_ON_CPU
+    native_u8 = x.dtype == torch.uint8 and _NATIVE_UINT8_ON_CPU
     work = torch.uint8 if native_u8 else (x.dtype if x.is_floating_point() else torch.float32)
     out = torch.empty(n, 3, out_h, out_w, device=x.device, dtype=work)
     out_maps = [torch.empty(n, out_h, out_w, device=m.device, dtype=m.dtype) for m in maps]
@@ -313,11 +336,81 @@ def weak_geometry(
             rows = m[i].index_select(0, ys.to(m.device))
             # gather along the last dim is ~9x faster than index_select(1, …) on a CPU.
             o[i] = rows.gather(1, xs.to(m.device).expand(out_h, -1))
+    if x.dtype == torch.uint8 and not native_u8:
+        out.div_(255.0)  # resized in float on the 0-255 scale: to [0, 1] at the output size
+    return out, out_maps
+
+
+def _bilinear_taps(
+    start: torch.Tensor, length: torch.Tensor, out: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample, the two source indices and the weight of the second for ``out`` output pixels
+    of a ``length``-pixel window at ``start`` (``interpolate``'s ``align_corners=False`` rule:
+    source ``(u + 0.5)·length/out − 0.5``, clamped at 0, last index repeated at the edge)."""
+    u = torch.arange(out, dtype=torch.float64)
+    src = ((u + 0.5) * (length.double() / out)[:, None] - 0.5).clamp(min=0.0)
+    i0 = src.floor()
+    frac = src - i0
+    i0 = i0.long()
+    i1 = torch.minimum(i0 + 1, length[:, None] - 1)
+    return start[:, None] + i0, start[:, None] + i1, frac
+
+
+def _geometry_batched(
+    x: torch.Tensor,
+    params: CropParams,
+    out_size: tuple[int, int],
+    maps: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Accelerator form: the whole batch's crops resized at once by separable two-tap gathers
+    (bilinear rows, then columns), and every map by one gather per axis: a fixed handful of
+    kernels instead of a loop over samples. Equals the per-sample ``interpolate`` up to float
+    rounding (bilinear without antialiasing is separable)."""
+    n, w_in = x.shape[0], x.shape[3]
+    out_h, out_w = out_size
+    top, left, h, w = params.boxes.long().cpu().unbind(1)
+    flips = params.flips.cpu()
+    y0, y1, fy = _bilinear_taps(top, h, out_h)
+    x0, x1, fx = _bilinear_taps(left, w, out_w)
+    # A flipped sample reads its columns right to left.
+    x0, x1, fx = (torch.where(flips[:, None], t.flip(1), t) for t in (x0, x1, fx))
+    dev = x.device
+    work = x.dtype if x.is_floating_point() else torch.float32
+
+    def rows(idx: torch.Tensor) -> torch.Tensor:
+        return x.gather(
+            2, idx.to(dev, non_blocking=True).view(n, 1, out_h, 1).expand(n, 3, out_h, w_in)
+        )
+
+    def cols(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return t.gather(
+            3, idx.to(dev, non_blocking=True).view(n, 1, 1, out_w).expand(n, 3, out_h, out_w)
+        )
+
+    wy = fy.to(dev, work, non_blocking=True).view(n, 1, out_h, 1)
+    wx = fx.to(dev, work, non_blocking=True).view(n, 1, 1, out_w)
+    r0, r1 = rows(y0).to(work), rows(y1).to(work)
+    r = r0.lerp_(r1, wy)
+    out = cols(r, x0).lerp_(cols(r, x1), wx)
     if x.dtype == torch.uint8:
-        if not native_u8:
-            out.div_(255.0)  # resized in float on the 0-255 scale: to [0, 1] at the output size
-        elif not keep_uint8:
-            out = _to_unit(out)
+        out.div_(255.0)
+    out_maps = []
+    if maps:
+        u_h = torch.arange(out_h, dtype=torch.float64)
+        u_w = torch.arange(out_w, dtype=torch.float64)
+        ys = top[:, None] + ((u_h + 0.5) * (h.double() / out_h)[:, None]).floor().long().clamp(
+            max=(h - 1)[:, None]
+        )
+        xs = left[:, None] + ((u_w + 0.5) * (w.double() / out_w)[:, None]).floor().long().clamp(
+            max=(w - 1)[:, None]
+        )
+        xs = torch.where(flips[:, None], xs.flip(1), xs)
+        for m in maps:
+            md = m.device
+            r = m.gather(1, ys.to(md, non_blocking=True)[:, :, None].expand(n, out_h, w_in))
+            out_maps.append(
+                r.gather(2, xs.to(md, non_blocking=True)[:, None, :].expand(n, out_h, out_w))
+            )
     return out, out_maps
 
 

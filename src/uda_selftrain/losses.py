@@ -417,8 +417,23 @@ class ConsistencyLoss(nn.Module):
         )
 
 
+# Tests switch this on to run the accelerator (whole-batch) form of the fused loss on a CPU.
+_WHOLE_BATCH_LOSS_ON_CPU = False
+
+
+def _chunks(logits: torch.Tensor) -> list[slice]:
+    """Batch slices for the fused loss: one image at a time on a CPU (its buffers stay in cache and
+    peak memory stays a few images' worth), the whole batch at once on accelerators (a loop over
+    images would be bound by kernel launches there)."""
+    n = logits.shape[0]
+    if logits.device.type != "cpu" or _WHOLE_BATCH_LOSS_ON_CPU:
+        return [slice(0, n)]
+    return [slice(i, i + 1) for i in range(n)]
+
+
 class _FusedHIAST(torch.autograd.Function):
-    """Weighted sum of the four HIAST terms, one image at a time, recomputing in backward.
+    """Weighted sum of the four HIAST terms, image by image (CPU) or for the whole batch
+    (accelerators), recomputing in backward.
 
     Per pixel with ``s = log p``: CE ``−s_y`` (grad ``p − onehot_y``), smoothing ``−mean_c s_c``
     (grad ``p − 1/C``), entropy ``H = −Σ p s`` (grad ``−p (s + H)``), soft CE ``−Σ q s``
@@ -439,14 +454,14 @@ class _FusedHIAST(torch.autograd.Function):
         dtype = _compute_dtype(logits)
         terms = logits.new_zeros(4, dtype=dtype)
         c = logits.shape[1]
-        for i in range(logits.shape[0]):
-            s = torch.log_softmax(logits[i].to(dtype), dim=0)
-            terms[0] -= (s.gather(0, target[i][None])[0] * w_ce[i]).sum()
-            terms[1] -= (s.sum(0) * (w_sm[i] / c)).sum()
-            terms[2] -= ((s.exp() * s).sum(0) * w_ent[i]).sum()
+        for i in _chunks(logits):
+            s = torch.log_softmax(logits[i].to(dtype), dim=1)
+            terms[0] -= (s.gather(1, target[i][:, None])[:, 0] * w_ce[i]).sum()
+            terms[1] -= (s.sum(1) * (w_sm[i] / c)).sum()
+            terms[2] -= ((s.exp() * s).sum(1) * w_ent[i]).sum()
             if teacher is not None:
-                q = torch.softmax(teacher[i].to(dtype), dim=0)
-                terms[3] -= ((q * s).sum(0) * w_cst[i]).sum()
+                q = torch.softmax(teacher[i].to(dtype), dim=1)
+                terms[3] -= ((q * s).sum(1) * w_cst[i]).sum()
         ctx.save_for_backward(logits, teacher, target, w_ce, w_sm, w_ent, w_cst)
         return terms
 
@@ -457,22 +472,22 @@ class _FusedHIAST(torch.autograd.Function):
         g_ce, g_sm, g_ent, g_cst = grad_terms.to(dtype)
         grad = torch.empty_like(logits)
         c = logits.shape[1]
-        for i in range(logits.shape[0]):
-            s = torch.log_softmax(logits[i].to(dtype), dim=0)
+        for i in _chunks(logits):
+            s = torch.log_softmax(logits[i].to(dtype), dim=1)
             p = s.exp()
-            a_ce = g_ce * w_ce[i]
-            a_sm = g_sm * w_sm[i]
-            a_ent = g_ent * w_ent[i]
+            a_ce = (g_ce * w_ce[i])[:, None]
+            a_sm = (g_sm * w_sm[i])[:, None]
+            a_ent = (g_ent * w_ent[i])[:, None]
             total = a_ce + a_sm
-            entropy = -(p * s).sum(0)
+            entropy = -(p * s).sum(1, keepdim=True)
             # p·(a_ce + a_sm + a_cst) − a_ent·p·(s + H) − a_ce·onehot − a_sm/C − a_cst·q
             g = s.add_(entropy).mul_(p).mul_(-a_ent)
             if teacher is not None:
-                a_cst = g_cst * w_cst[i]
+                a_cst = (g_cst * w_cst[i])[:, None]
                 total = total + a_cst
-                g.sub_(torch.softmax(teacher[i].to(dtype), dim=0).mul_(a_cst))
+                g.sub_(torch.softmax(teacher[i].to(dtype), dim=1).mul_(a_cst))
             g.add_(p.mul_(total)).sub_(a_sm / c)
-            g.scatter_add_(0, target[i][None], -a_ce[None])
+            g.scatter_add_(1, target[i][:, None], -a_ce)
             grad[i] = g.to(grad.dtype)
         return grad, None, None, None, None, None, None
 
@@ -506,7 +521,9 @@ def hiast_loss(
     (1, 0.1, 1.0, 0.5). The terms equal :func:`pseudo_label_ce`, :func:`smoothing_loss`,
     :func:`entropy_loss` and :func:`consistency_loss`; the fused form computes them from one
     log-softmax per image and recomputes it in backward rather than keeping ``(N, C, H, W)``
-    activations alive, so forward + backward peaks at the gradient plus a few per-image buffers.
+    activations alive, so forward + backward peaks at the gradient plus a few per-image buffers
+    on a CPU (one image at a time); on accelerators it runs on the whole batch at once (no loop of
+    small kernels) and peaks at a few batch-sized buffers.
 
     Args:
         logits: ``(N, C, H, W)`` student logits on the strong view (float32/16, bfloat16).
