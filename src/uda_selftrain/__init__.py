@@ -32,6 +32,12 @@ from .diagnostics import (
     class_prior,
     pseudo_label_diagnostics,
 )
+from .feature_distance import (
+    CITYSCAPES_THING_CLASSES,
+    ThingFeatureDistance,
+    downscale_labels,
+    thing_feature_distance,
+)
 from .hard_aware import HardAwareAugmenter, HardAwareViews, batch_donors, hard_aware_augment
 from .losses import (
     ConsistencyLoss,
@@ -46,6 +52,15 @@ from .losses import (
     region_adaptive_loss,
     region_masks,
     smoothing_loss,
+)
+from .masking import (
+    BlockMasking,
+    MaskedImageConsistencyLoss,
+    MaskedImages,
+    block_mask,
+    mask_images,
+    masked_consistency_loss,
+    mic_block_size,
 )
 from .metrics import (
     PROTOCOLS,
@@ -81,6 +96,13 @@ from .online import (
 )
 from .pseudo_labels import generate_pseudo_labels, predict_probabilities
 from .quantiles import grouped_quantile
+from .rare_class import (
+    RareClassDraw,
+    RareClassSampler,
+    class_pixel_counts,
+    rare_class_probabilities,
+    rare_class_sample,
+)
 from .selection import (
     ArgmaxSelector,
     CBSTSelector,
@@ -101,8 +123,10 @@ from .teacher import EMATeacher, unwrap_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "CITYSCAPES_THING_CLASSES",
     "PROTOCOLS",
     "ArgmaxSelector",
+    "BlockMasking",
     "CBSTSelector",
     "ClassDifficulty",
     "ClassMix",
@@ -124,20 +148,27 @@ __all__ = [
     "HardAwarePaste",
     "HardAwareViews",
     "InstanceAdaptiveSelector",
+    "MaskedImageConsistencyLoss",
+    "MaskedImages",
     "OnlineTargets",
     "PasteResult",
     "PseudoLabelDiagnostics",
+    "RareClassDraw",
+    "RareClassSampler",
     "RegionAdaptiveLoss",
     "RegionAdaptiveLossOutput",
     "Selection",
     "Selector",
+    "ThingFeatureDistance",
     "Views",
     "WeakStrongViews",
     "__version__",
     "batch_donors",
+    "block_mask",
     "cbst_thresholds",
     "class_counts",
     "class_difficulty",
+    "class_pixel_counts",
     "class_prior",
     "classmix",
     "classmix_masks",
@@ -148,6 +179,7 @@ __all__ = [
     "consistency_loss",
     "crop_params",
     "denormalize",
+    "downscale_labels",
     "entropy_loss",
     "generate_pseudo_labels",
     "get_protocol",
@@ -157,6 +189,9 @@ __all__ = [
     "hiast_loss",
     "ias_update",
     "iou_from_confusion",
+    "mask_images",
+    "masked_consistency_loss",
+    "mic_block_size",
     "miou",
     "normalize",
     "online_targets",
@@ -167,6 +202,8 @@ __all__ = [
     "protocol_scores",
     "pseudo_label_ce",
     "pseudo_label_diagnostics",
+    "rare_class_probabilities",
+    "rare_class_sample",
     "region_adaptive_loss",
     "region_masks",
     "sampling_probabilities",
@@ -177,6 +214,7 @@ __all__ = [
     "set_value_checks",
     "smoothing_loss",
     "strong_colour",
+    "thing_feature_distance",
     "unwrap_model",
     "value_checks",
     "weak_geometry",

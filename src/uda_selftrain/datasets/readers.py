@@ -158,6 +158,16 @@ class SegmentationFiles(Dataset):
             ids = _resize_nearest(ids, shape)
         return ids
 
+    @property
+    def label_maps(self) -> Sequence[np.ndarray]:
+        """The train-id label maps at their files' own size, read lazily by index (no image is
+        read): the input of :func:`uda_selftrain.class_pixel_counts`."""
+        if self.labels is None:
+            raise ValueError(
+                "this dataset has no labels" + (f" (under {self.root})" if self.root else "")
+            )
+        return _LabelMaps(self)
+
     def __getitem__(self, index: int) -> dict[str, object]:
         img = self.read_image(index)
         lab = self.read_train_ids(index, img.shape[:2])
@@ -167,6 +177,21 @@ class SegmentationFiles(Dataset):
             image = _resize_image(image, self.size)
             label = torch.from_numpy(_resize_nearest(lab, self.size)).long()
         return {"image": image, "label": label, "name": self.name(index), "index": index}
+
+
+class _LabelMaps(Sequence):
+    def __init__(self, files: SegmentationFiles) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        f = self.files
+        raw = f.read_label_fn(f.labels[index])
+        return map_labels(raw, f.table) if f.table is not None else raw.astype(np.uint8)
 
 
 def _resize_nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
