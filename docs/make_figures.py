@@ -13,7 +13,7 @@ import torch
 
 import uda_selftrain as ust
 from uda_selftrain.augment import denormalize
-from uda_selftrain.datasets import GTA5, Cityscapes, colorize, synthetic
+from uda_selftrain.datasets import CITYSCAPES_CLASSES, GTA5, Cityscapes, colorize, synthetic
 from uda_selftrain.datasets.image_io import write_rgb
 from uda_selftrain.models import deeplabv2_small, load_checkpoint
 
@@ -114,6 +114,53 @@ def main() -> None:
         for i in range(4)
     ]
     write_rgb(OUT / "views.png", upscale(np.concatenate(rows, 0), 3))
+    daformer_figures(root)
+
+
+def daformer_figures(root: Path) -> None:
+    """The MIC block mask on target images, and the RCS class distribution of the source."""
+    tgt = Cityscapes(root / "target", "train")
+    images = torch.stack([tgt[i]["image"] for i in range(3)])
+    x = ust.normalize(images)
+    masked = ust.BlockMasking(block_size=ust.mic_block_size((96, 192)))(
+        x, generator=torch.Generator().manual_seed(0)
+    )
+    rows = [
+        np.concatenate(
+            [
+                images[i].permute(1, 2, 0).numpy(),
+                rgb(masked.mask[i].expand(3, -1, -1)),
+                rgb(denormalize(masked.images)[i]),
+            ],
+            1,
+        )
+        for i in range(3)
+    ]
+    write_rgb(OUT / "mic_mask.png", upscale(np.concatenate(rows, 0), 2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    source = GTA5(root / "source")
+    counts = ust.class_pixel_counts(source.label_maps, num_classes=19)
+    area = int(source[0]["label"].numel())
+    min_pixels = max(1, round(3000 * area / (1914 * 1052)))
+    freq = (counts.sum(0) / counts.sum()).numpy()
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    pos = np.arange(19)
+    ax.bar(pos - 0.3, freq, 0.2, label="pixel frequency f_c")
+    for k, t in enumerate((0.01, 0.1, 1.0)):
+        p = ust.rare_class_probabilities(counts, temperature=t, min_pixels=min_pixels).numpy()
+        ax.bar(pos - 0.1 + 0.2 * k, p, 0.2, label=f"P(c), T = {t}")
+    ax.set_xticks(pos, CITYSCAPES_CLASSES, rotation=60, ha="right")
+    ax.set_ylabel("share")
+    ax.set_title(f"Rare Class Sampling on the synthetic city's source (min_pixels = {min_pixels})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "rcs_distribution.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

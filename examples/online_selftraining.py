@@ -1,27 +1,40 @@
-"""HIAST's components inside an online (DACS-style) self-training loop.
+"""HIAST's and the DAFormer/MIC family's components composed inside an online (DACS-style) loop.
 
-    python examples/online_selftraining.py                 # baseline and HIAST variant, ~6 min CPU
-    python examples/online_selftraining.py --variants baseline --iters 2000
+    python examples/online_selftraining.py                        # DACS and DACS + HIAST, ~6 min CPU
+    python examples/online_selftraining.py --variants dacs dacs+rcs dacs+mic dacs+ias --seeds 0 1 2
+    python examples/online_selftraining.py --variants dacs+fd --fd-encoder runs/.../model.pt
 
 Baseline (DACS): each step, source cross-entropy plus a ClassMix target loss: half of the source
 image's classes are pasted onto a target image whose labels are the EMA teacher's arg-max, weighted
 per image by the fraction of pixels with confidence ≥ 0.968.
 
-HIAST variant, each component switchable: the instance adaptive selector on the teacher's
-predictions at every step (``--ias``: unselected pixels are ignored instead of weighted), hard-aware
-copy-paste between the batch's target images (``--hpla``: hard classes from the selector's class
-values), region-adaptive regularisation (``--regularisation``) and consistency to the teacher on the
-pixels without pseudo-labels (``--consistency``).
+A variant is ``dacs`` plus components joined by ``+``:
 
-Without ``--ias`` the teacher's labels cover every pixel (arg-max), so the consistency term, which
-acts on the pixels without a pseudo-label, has nothing to act on; it needs the selector.
+- ``rcs``: Rare Class Sampling of the source images (``RareClassSampler``; T = 0.01, DAFormer's
+  3000-pixel rule scaled to the source image area);
+- ``mic``: Masked Image Consistency (``BlockMasking`` + ``MaskedImageConsistencyLoss``): the
+  student also predicts the colour-augmented target image with 70 % of its blocks masked (block
+  size scaled from 64 px on 512-px crops) against the teacher's labels, weighted by their quality;
+- ``fd``: thing-class feature distance (``ThingFeatureDistance``, λ = 0.005) to the frozen backbone
+  of ``--fd-encoder`` (ImageNet weights cannot be downloaded here; any checkpoint of the model);
+- ``ias``: the instance adaptive selector on the teacher's predictions at every step (unselected
+  pixels are ignored instead of weighted);
+- ``hpla``: hard-aware copy-paste between the batch's target images (hard classes from the
+  selector's class values; needs ``ias``);
+- ``reg``: region-adaptive regularisation; ``cst``: consistency to the teacher on the pixels
+  without pseudo-labels (needs ``ias``: without it every pixel has an arg-max label).
 
-Prints (and writes to ``--out``/results.json) the target mIoU of every variant.
+``baseline`` is ``dacs``; ``hiast`` is ``dacs+ias+hpla+reg+cst`` minus any component switched off
+with ``--no-ias``/``--no-hpla``/``--no-regularisation``/``--no-consistency``.
+
+Prints (and writes to ``--out``/results.json) the target mIoU of every variant, mean ± std over
+``--seeds``, with the per-class IoU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -38,10 +51,12 @@ from _pipeline_utils import (
     mean_std,
     progress,
     seed_everything,
+    seed_table,
 )
+from torch.utils.data import BatchSampler
 
 import uda_selftrain as ust
-from uda_selftrain.atomic import atomic_save_json
+from uda_selftrain.atomic import atomic_open, atomic_save_json
 from uda_selftrain.augment import (
     colour_params,
     crop_params,
@@ -50,6 +65,11 @@ from uda_selftrain.augment import (
     weak_geometry,
 )
 from uda_selftrain.mixing import class_difficulty, hard_paste
+from uda_selftrain.models import load_checkpoint
+
+COMPONENTS = ("rcs", "mic", "fd", "ias", "hpla", "reg", "cst")
+# DAFormer's rule: more than 3000 pixels of the class at GTA5's 1914 x 1052.
+RCS_MIN_PIXELS, GTA5_AREA = 3000, 1914 * 1052
 
 
 def crops(batch, cfg: Config, device: torch.device, gen: torch.Generator, *, labelled: bool):
@@ -61,9 +81,47 @@ def crops(batch, cfg: Config, device: torch.device, gen: torch.Generator, *, lab
     return out, (out_maps[0] if labelled else None)
 
 
+def parse_variant(name: str, args: argparse.Namespace) -> dict[str, bool]:
+    """``dacs+rcs+ias`` → the components that are on; ``baseline``/``hiast`` are aliases."""
+    if name == "baseline":
+        parts = []
+    elif name == "hiast":
+        flags = {"ias": "ias", "hpla": "hpla", "reg": "regularisation", "cst": "consistency"}
+        parts = [k for k, flag in flags.items() if getattr(args, flag)]
+    else:
+        head, *parts = name.split("+")
+        if head != "dacs":
+            raise SystemExit(f"variant {name!r}: must start with 'dacs' (or be baseline/hiast)")
+    unknown = sorted(set(parts) - set(COMPONENTS))
+    if unknown:
+        raise SystemExit(f"variant {name!r}: unknown components {unknown}; known: {COMPONENTS}")
+    opts = {k: k in parts for k in COMPONENTS}
+    for needs in ("hpla", "cst"):
+        if opts[needs] and not opts["ias"]:
+            raise SystemExit(f"variant {name!r}: {needs} needs ias (the selector's labels)")
+    if opts["fd"] and not args.fd_encoder:
+        raise SystemExit(f"variant {name!r}: fd needs --fd-encoder CHECKPOINT (the frozen encoder)")
+    return opts
+
+
+def source_batches(source, opts, args: argparse.Namespace, cfg: Config, counts) -> BatchSampler:
+    """The source index batches: uniform epochs, or Rare Class Sampling."""
+    if not opts["rcs"]:
+        return IterationBatches(len(source), args.batch_size, args.iters, 0, args.seed + 1)
+    area = int(source[0]["label"].numel())
+    sampler = ust.RareClassSampler(
+        counts,
+        num_samples=args.batch_size * args.iters,
+        temperature=args.rcs_temperature,
+        min_pixels=max(1, round(RCS_MIN_PIXELS * area / GTA5_AREA)),
+        seed=args.seed + 1,
+    )
+    return BatchSampler(sampler, args.batch_size, drop_last=False)
+
+
 def run_variant(
-    name: str, opts: dict[str, bool], args: argparse.Namespace, cfg: Config, data
-) -> float:
+    name: str, opts: dict[str, bool], args: argparse.Namespace, cfg: Config, data, counts
+) -> dict:
     source, target, val, _ = data
     seed_everything(args.seed)
     device = torch.device(args.device)
@@ -77,16 +135,25 @@ def run_variant(
     mix = ust.ClassMix(cfg.num_classes)
     loss_fn = ust.HIASTLoss(
         ce_weight=1.0 if opts["ias"] else 0.0,  # without IAS the CE is DACS's weighted one
-        smoothing_weight=0.1 if opts["regularisation"] else 0.0,
-        entropy_weight=1.0 if opts["regularisation"] else 0.0,
-        consistency_weight=0.5 if opts["consistency"] else 0.0,
+        smoothing_weight=0.1 if opts["reg"] else 0.0,
+        entropy_weight=1.0 if opts["reg"] else 0.0,
+        consistency_weight=0.5 if opts["cst"] else 0.0,
     )
+    masking = ust.BlockMasking(ratio=0.7, block_size=ust.mic_block_size(cfg.crop_size))
+    mic_loss = ust.MaskedImageConsistencyLoss(weight=1.0)
+    fd = None
+    if opts["fd"]:
+        frozen = build_model(cfg)
+        load_checkpoint(frozen, args.fd_encoder)
+        fd = ust.ThingFeatureDistance(frozen.backbone, num_classes=cfg.num_classes).to(device)
     gen = torch.Generator().manual_seed(args.seed)
-    src, tgt = (
-        iter(
-            loader(d, IterationBatches(len(d), args.batch_size, args.iters, 0, args.seed + i), cfg)
+    src = iter(loader(source, source_batches(source, opts, args, cfg, counts), cfg))
+    tgt = iter(
+        loader(
+            target,
+            IterationBatches(len(target), args.batch_size, args.iters, 0, args.seed + 2),
+            cfg,
         )
-        for i, d in ((1, source), (2, target))
     )
     bar = progress(total=args.iters, desc=name, quiet=args.quiet)
     for it in range(args.iters):
@@ -96,7 +163,7 @@ def run_variant(
         with torch.no_grad():
             targets = ust.online_targets(teacher(normalize(t_img)), selector=selector)
         t_lab = targets.labels
-        if opts["hpla"] and selector is not None and bool(selector.class_seen.any()):
+        if opts["hpla"] and bool(selector.class_seen.any()):
             # Hard-aware copy-paste between this batch's target images (the next one is the donor).
             hard = class_difficulty(
                 selector.class_values.cpu(),
@@ -110,10 +177,17 @@ def run_variant(
         mixed = mix(s_img, s_lab, t_img, t_lab, generator=gen)
         strong = normalize(strong_colour(mixed.images, colour_params(n, generator=gen)))
         x_s = normalize(s_img)
-        loss_src = F.cross_entropy(student(x_s), s_lab, ignore_index=255)
+        if fd is not None:  # the student's features are needed once more: split the forward
+            feats = student.backbone(x_s)
+            src_logits = F.interpolate(
+                student.aspp(feats), size=x_s.shape[-2:], mode="bilinear", align_corners=False
+            )
+            loss_src = F.cross_entropy(src_logits, s_lab, ignore_index=255) + fd(feats, x_s, s_lab)
+        else:
+            loss_src = F.cross_entropy(student(x_s), s_lab, ignore_index=255)
         logits = student(strong)
         teacher_logits = None
-        if opts["consistency"]:
+        if opts["cst"]:
             with torch.no_grad():
                 teacher_logits = teacher(normalize(mixed.images))
         loss_tgt = loss_fn(logits, mixed.labels, teacher_logits).total
@@ -122,6 +196,12 @@ def run_variant(
             w = ust.pixel_weights(targets.weight, tuple(mixed.labels.shape[-2:]), mixed.mask)
             ce = F.cross_entropy(logits, mixed.labels, ignore_index=255, reduction="none")
             loss_tgt = loss_tgt + (ce * w).mean()
+        if opts["mic"]:
+            # The (colour-augmented) target image with 70 % of its blocks masked, against the
+            # teacher's labels of the full image, weighted by their quality.
+            aug = normalize(strong_colour(t_img, colour_params(n, generator=gen)))
+            masked = masking(aug, generator=gen)
+            loss_tgt = loss_tgt + mic_loss(student(masked.images), t_lab, targets.weight)
         loss = loss_src + loss_tgt
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -132,8 +212,7 @@ def run_variant(
         if (it + 1) % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    scores = evaluate(teacher.module, val, cfg, device, desc=f"eval {name}")
-    return scores["miou"]
+    return evaluate(teacher.module, val, cfg, device, desc=f"eval {name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--variants", nargs="+", default=["baseline", "hiast"], choices=["baseline", "hiast"]
+        "--variants",
+        nargs="+",
+        default=["baseline", "hiast"],
+        help="baseline, hiast, or dacs[+rcs][+mic][+fd][+ias][+hpla][+reg][+cst]",
     )
     p.add_argument("--data-dir", default="data/synthetic_city")
     p.add_argument("--synthetic-preset", default="default", choices=["default", "tiny"])
@@ -150,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema", type=float, default=0.99)
     p.add_argument("--width", type=int, default=24)
+    p.add_argument("--rcs-temperature", type=float, default=0.01)
+    p.add_argument(
+        "--fd-encoder", default="", help="checkpoint whose backbone is FD's frozen encoder"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: mean ± std")
     p.add_argument("--device", default="cpu")
@@ -160,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             f"--{flag}",
             action=argparse.BooleanOptionalAction,
             default=True,
-            help=f"use {flag} in the HIAST variant (default: on)",
+            help=f"use {flag} in the 'hiast' variant (default: on)",
         )
     args = p.parse_args(argv)
+    variants = {v: parse_variant(v, args) for v in args.variants}
     cfg = Config(
         data_dir=args.data_dir,
         synthetic_preset=args.synthetic_preset,
@@ -173,28 +260,54 @@ def main(argv: list[str] | None = None) -> int:
     if args.synthetic_preset == "tiny":
         cfg.crop_size = (32, 64)
     data = build_data(cfg)
-    results = {}
+    counts = None
+    if any(o["rcs"] for o in variants.values()):
+        # Counted once per dataset and cached next to it (resumable if interrupted).
+        counts = ust.class_pixel_counts(
+            data[0].label_maps,
+            num_classes=cfg.num_classes,
+            cache=Path(args.data_dir) / "source_class_counts.npz",
+        )
+    out = Path(args.out)
     seeds = args.seeds or [args.seed]
-    for v in args.variants:
-        opts = {
-            k: (v == "hiast" and getattr(args, k))
-            for k in ("ias", "hpla", "regularisation", "consistency")
-        }
-        start = time.perf_counter()
-        per_seed = [
-            run_variant(v, opts, argparse.Namespace(**{**vars(args), "seed": s}), cfg, data)
-            for s in seeds
-        ]
+    results, rows = {}, {}
+    for v, opts in variants.items():
+        per_seed, seconds = [], 0.0
+        for s in seeds:
+            # One file per (variant, seed): a rerun of the same command skips finished ones.
+            done = out / v / f"seed{s}.json"
+            if done.exists():
+                record = json.loads(done.read_text())
+            else:
+                start = time.perf_counter()
+                scores = run_variant(
+                    v, opts, argparse.Namespace(**{**vars(args), "seed": s}), cfg, data, counts
+                )
+                record = {
+                    "miou": float(scores["miou"]),
+                    "iou": [float(x) for x in scores["iou"]],
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+                atomic_save_json(done, record)
+            per_seed.append(record)
+            seconds += record["seconds"]
+        mious = [r["miou"] for r in per_seed]
+        rows[v] = per_seed
         results[v] = {
-            "miou": float(np.mean(per_seed)),
-            "miou_std": float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else None,
-            "miou_per_seed": per_seed,
+            "miou": float(np.mean(mious)),
+            "miou_std": float(np.std(mious, ddof=1)) if len(seeds) > 1 else None,
+            "miou_per_seed": mious,
+            "iou_per_seed": [r["iou"] for r in per_seed],
             "seeds": seeds,
             "components": opts,
-            "seconds": round(time.perf_counter() - start, 1),
+            "seconds": round(seconds, 1),
         }
-        print(f"{v}: mIoU {mean_std(per_seed)} (seeds {seeds}, {results[v]['seconds']}s)")
-    atomic_save_json(Path(args.out) / "results.json", {"args": vars(args), "results": results})
+        print(f"{v}: mIoU {mean_std(mious)} (seeds {seeds}, {results[v]['seconds']}s)")
+    atomic_save_json(out / "results.json", {"args": vars(args), "results": results})
+    table = seed_table(rows, list(data[3]), seeds)
+    with atomic_open(out / "results.md", "w") as f:
+        f.write(table)
+    print(table)
     return 0
 
 

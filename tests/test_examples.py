@@ -262,6 +262,40 @@ def test_online_and_semi_supervised_examples_run(tiny_run, tmp_path):
     assert len(res["0.5"]["hiast"]) == 2 and all(0 <= v <= 1 for v in res["0.5"]["supervised_only"])
 
 
+def test_online_example_composes_daformer_and_mic_components(tiny_run, tmp_path, monkeypatch):
+    """RCS, MIC and FD by flags in the online loop; per-(variant, seed) files make reruns skip
+    finished work; bad variant names are refused before any training."""
+    import online_selftraining
+
+    data = str(tiny_run / "data")
+    common = ["--synthetic-preset", "tiny", "--data-dir", data, "--width", "8", "--quiet"]
+    out = tmp_path / "o"
+    variants = ["dacs+rcs+mic", "dacs+fd+ias+hpla"]
+    argv = [*common, "--iters", "2", "--out", str(out), "--variants", *variants]
+    argv += ["--fd-encoder", str(tiny_run / "a" / "final.pt")]
+    assert online_selftraining.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert res["dacs+rcs+mic"]["components"] == {
+        "rcs": True,
+        "mic": True,
+        "fd": False,
+        "ias": False,
+        "hpla": False,
+        "reg": False,
+        "cst": False,
+    }
+    assert res["dacs+fd+ias+hpla"]["components"]["fd"]
+    assert len(res["dacs+rcs+mic"]["iou_per_seed"][0]) == 19
+    assert (tiny_run / "data" / "source_class_counts.npz").is_file()
+    assert "dacs+rcs+mic" in (out / "results.md").read_text()
+    # A rerun reads the finished (variant, seed) files instead of training again.
+    monkeypatch.setattr(online_selftraining, "run_variant", lambda *a, **k: 1 / 0)
+    assert online_selftraining.main(argv) == 0
+    for bad in (["dacs+nope"], ["dacs+hpla"], ["mic"], ["dacs+fd"]):
+        with pytest.raises(SystemExit):
+            online_selftraining.main([*common, "--out", str(out), "--variants", *bad])
+
+
 def test_evaluate_example(tiny_run, tmp_path):
     import evaluate
 
