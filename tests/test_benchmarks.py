@@ -81,3 +81,33 @@ def test_gpu_check_fails_loudly_without_cuda():
     )
     assert done.returncode != 0
     assert "CUDA is not available" in done.stderr and "FAILED" in done.stderr
+
+
+def test_estimate_full_run_counts_operations():
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "estimate_full_run.py"),
+            *("--model", "small", "--crop", "32", "64", "--batch", "2", "--tflops", "1"),
+            *("--pl-size", "32", "64", "--eval-size", "32", "64", "--rounds", "1"),
+            *("--cpu-seconds-per-iteration", "source=0.5"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
+    source = float(rows["source-only"][0])
+    # A training step (forward + backward) is about three forwards; warm-up is two of them plus the
+    # discriminator; a round adds the teacher's forward.
+    pl = float(rows["pseudo-labels"][0])
+    assert 2.5 * 2 * pl < source < 3.5 * 2 * pl  # batch 2, same size
+    assert float(rows["warm-up"][0]) > 2.0 * source
+    assert float(rows["self-training rounds"][0]) == pytest.approx(source + 2 * pl, rel=1e-3)
+    assert "GFLOP/s sustained" in done.stdout
