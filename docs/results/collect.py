@@ -55,6 +55,25 @@ def class_table(rows: dict[str, list[dict]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def paired_table(finals: dict[str, list[dict]]) -> str:
+    """Each variant's final mIoU minus the source-only model's, CT's and HIAST's, seed by seed."""
+    refs = [r for r in ("source-only", "CT", "HIAST") if r in finals]
+    lines = [
+        "| variant | " + " | ".join(f"− {r}: per seed; mean ± std" for r in refs) + " |",
+        "|---|" + "---|" * len(refs),
+    ]
+    for label, scores in finals.items():
+        cells = []
+        for r in refs:
+            if r == label:
+                cells.append("")
+                continue
+            d = [100 * (a["miou"] - b["miou"]) for a, b in zip(scores, finals[r], strict=True)]
+            cells.append(", ".join(f"{v:+.1f}" for v in d) + f"; {ms(d, 1.0)}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def pseudo_label_quality(
     round_dir: Path, target: Cityscapes, table: np.ndarray | None, c: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,22 +170,34 @@ def main() -> None:
         "CT": args.runs / "things" / "ct",
         "IAS + CE": args.runs / "things" / "ias",
         "HIAST": args.runs / "things" / "hiast",
+        "HIAST without HPLA": args.runs / "things" / "hiast_nohpla",
+        "HIAST without regularisation": args.runs / "things" / "hiast_noreg",
+        "HIAST without consistency": args.runs / "things" / "hiast_nocons",
         "HIAST + source CE": args.runs / "things" / "hiast_source",
+        "HIAST + threshold floor 0.9": args.runs / "things" / "hiast_floor",
+        "HIAST + ramp-up 250": args.runs / "things" / "hiast_rampup",
     }
     weak = {
         "CT": args.runs / "weak" / "ct",
         "HIAST": args.runs / "weak" / "hiast",
         "HIAST + source CE": args.runs / "weak" / "hiast_source",
+        "HIAST + threshold floor 0.9": args.runs / "weak" / "hiast_floor",
+        "HIAST + ramp-up 250": args.runs / "weak" / "hiast_rampup",
     }
-    for title, group, names, table, rounds in (
+    # The weak start begins from the seeded ablation's source-only models.
+    weak_source = None
+    if abl.is_file():
+        weak_source = seeded(abl)[1]["source_only"]
+    for title, group, names, table, rounds, start in (
         (
             "Collapse regime ('things')",
             things,
             list(THINGS_CLASSES),
             lookup_table(THINGS_MAP),
             [1, 2],
+            None,
         ),
-        ("Weak start (19 classes)", weak, city, None, [1, 2, 3]),
+        ("Weak start (19 classes)", weak, city, None, [1, 2, 3], weak_source),
     ):
         rows, finals, seeds = {}, {}, []
         for label, run in group.items():
@@ -182,6 +213,9 @@ def main() -> None:
         columns = ["source_only", *[f"round{k}" for k in rounds]]
         out += [f"## {title} (seeds {seeds})", "", miou_table(rows, columns), ""]
         out += ["Final model, per class:", "", class_table(finals, names), ""]
+        if start is not None:
+            finals = {"source-only": start, **finals}
+        out += ["Final mIoU, paired by seed:", "", paired_table(finals), ""]
         trained = {k: v for k, v in group.items() if k != "source-only" and v.is_dir()}
         summary, detail = quality_table(trained, seeds, rounds, target, table, names)
         out += [
