@@ -118,6 +118,19 @@ def test_sampler_with_a_dataloader_and_epochs():
     )
 
 
+def test_ranks_split_one_draw():
+    counts = _counts(4)
+    whole = ust.RareClassSampler(counts, num_samples=12, min_pixels=3000, seed=2)
+    parts = [
+        ust.RareClassSampler(counts, num_samples=4, min_pixels=3000, seed=2, rank=r, world_size=3)
+        for r in range(3)
+    ]
+    drawn = [list(p) for p in parts]
+    assert all(len(d) == 4 for d in drawn)
+    interleaved = [drawn[i % 3][i // 3] for i in range(12)]
+    assert interleaved == list(whole)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "word"),
     [
@@ -129,6 +142,8 @@ def test_sampler_with_a_dataloader_and_epochs():
         ({"min_pixels": -1}, ValueError, "min_pixels"),
         ({"num_samples": 0}, ValueError, "num_samples"),
         ({"seed": 1.5}, TypeError, "seed"),
+        ({"rank": 2, "world_size": 2}, ValueError, "rank"),
+        ({"world_size": 0}, ValueError, "world_size"),
     ],
 )
 def test_sampler_validates(kwargs, error, word):

@@ -194,14 +194,18 @@ class RareClassSampler(Sampler[int]):
     Usable with any dataset whose ``i``-th item is the image counted in row ``i`` of ``counts``:
     ``DataLoader(dataset, batch_size=B, sampler=RareClassSampler(counts, num_samples=B * iters))``.
     Deterministic: the draw depends on ``seed`` and the epoch set by :meth:`set_epoch` only (call
-    it before each epoch for new draws, as with ``DistributedSampler``).
+    it before each epoch for new draws, as with ``DistributedSampler``). Under data parallelism
+    give every process the same ``seed`` and its ``rank`` and ``world_size``: one draw of
+    ``num_samples × world_size`` indices is made and each process takes every ``world_size``-th,
+    so the processes see different images and together the distribution of one draw.
 
     Args:
         counts: ``(N, C)`` int pixels of each class in each image.
         num_samples: indices per epoch (default ``N``).
         temperature: ``T`` (0.01).
         min_pixels: per-image pixel rule (3000 at GTA5's full resolution).
-        seed: base seed of the draws.
+        seed: base seed of the draws (the same on every process).
+        rank, world_size: this process's share under data parallelism.
 
     Attributes:
         probabilities: ``(C,)`` float64 class probabilities.
@@ -224,6 +228,8 @@ class RareClassSampler(Sampler[int]):
         temperature: float = 0.01,
         min_pixels: int = 3000,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         c = _check_counts("counts", counts)
         self.counts = c.detach().cpu().long()
@@ -235,6 +241,10 @@ class RareClassSampler(Sampler[int]):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = seed
+        self.world_size = check_positive_int("world_size", world_size)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        self.rank = rank
         self.epoch = 0
         self.probabilities = rare_class_probabilities(
             self.counts, temperature=self.temperature, min_pixels=self.min_pixels
@@ -251,15 +261,18 @@ class RareClassSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def draw(self) -> RareClassDraw:
-        """This epoch's draw (the same every call until :meth:`set_epoch` changes the epoch)."""
+        """This process's share of this epoch's draw (the same every call until
+        :meth:`set_epoch` changes the epoch)."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return rare_class_sample(
+        d = rare_class_sample(
             self.counts,
-            self.num_samples,
+            self.num_samples * self.world_size,
             temperature=self.temperature,
             min_pixels=self.min_pixels,
             generator=gen,
         )
+        r, w = self.rank, self.world_size
+        return RareClassDraw(d.indices[r::w], d.classes[r::w])
 
     def __iter__(self) -> Iterator[int]:
         self.last_draw = self.draw()
