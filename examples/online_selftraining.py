@@ -104,7 +104,7 @@ def parse_variant(name: str, args: argparse.Namespace) -> dict[str, bool]:
     return opts
 
 
-def source_batches(source, opts, args: argparse.Namespace, cfg: Config, counts) -> BatchSampler:
+def source_batches(source, opts, args: argparse.Namespace, counts) -> BatchSampler:
     """The source index batches: uniform epochs, or Rare Class Sampling."""
     if not opts["rcs"]:
         return IterationBatches(len(source), args.batch_size, args.iters, 0, args.seed + 1)
@@ -147,7 +147,7 @@ def run_variant(
         load_checkpoint(frozen, args.fd_encoder)
         fd = ust.ThingFeatureDistance(frozen.backbone, num_classes=cfg.num_classes).to(device)
     gen = torch.Generator().manual_seed(args.seed)
-    src = iter(loader(source, source_batches(source, opts, args, cfg, counts), cfg))
+    src = iter(loader(source, source_batches(source, opts, args, counts), cfg))
     tgt = iter(
         loader(
             target,

@@ -28,14 +28,19 @@ trunk (the docs show how). With no thing-class position the loss is 0 with a zer
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from . import _histogram
-from ._checks import check_finite, check_float, check_labels, check_positive_int
+from ._checks import (
+    check_finite,
+    check_float,
+    check_labels,
+    check_positive_int,
+    check_weight,
+)
 
 __all__ = [
     "CITYSCAPES_THING_CLASSES",
@@ -172,12 +177,11 @@ def thing_feature_distance(
         min_ratio=min_ratio,
         ignore_index=ignore_index,
     )
-    mask = _thing_mask(small, things, num_classes).to(f.dtype)  # (N, h, w)
     dtype = torch.float64 if f.dtype == torch.float64 else torch.float32
+    mask = _thing_mask(small, things, num_classes).to(dtype)  # (N, h, w)
     diff = f.to(dtype) - g.detach().to(dtype)
     # sqrt has an infinite derivative at 0: a tiny floor keeps equal features' gradient finite.
     dist = diff.square().sum(1).clamp(min=1e-12).sqrt()
-    mask = mask.to(dtype)
     return (dist * mask).sum() / mask.sum().clamp(min=1.0)
 
 
@@ -219,14 +223,10 @@ class ThingFeatureDistance(nn.Module):
         super().__init__()
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(f"weight must be a number, got {type(weight).__name__}")
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight must be finite and non-negative, got {weight}")
         self.num_classes = check_positive_int("num_classes", num_classes)
         self.thing_classes = _check_things(thing_classes, num_classes)
         self.encoder = copy.deepcopy(encoder).eval().requires_grad_(False)
-        self.weight = float(weight)
+        self.weight = check_weight("weight", weight)
         self.min_ratio = float(min_ratio)
         self.ignore_index = ignore_index
 

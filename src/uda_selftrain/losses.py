@@ -22,13 +22,12 @@ backward pass instead of storing activations, which keeps its peak memory low.
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_float, check_labels, check_tensor
+from ._checks import check_finite, check_float, check_labels, check_tensor, check_weight
 
 __all__ = [
     "ConsistencyLoss",
@@ -74,16 +73,6 @@ def _check_norm(normalization: str) -> None:
 def _check_region(name: str, region: str) -> None:
     if region not in ("ignored", "confident", "all"):
         raise ValueError(f"{name} must be 'ignored', 'confident' or 'all', got {region!r}")
-
-
-def _check_weight(name: str, value: object) -> float:
-    """A loss weight: a finite, non-negative real number (a NaN weight would poison the total)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be finite and non-negative, got {v}")
-    return v
 
 
 def _check_teacher(teacher_logits: object, student: torch.Tensor) -> torch.Tensor:
@@ -304,8 +293,8 @@ def region_adaptive_loss(
     (0.3466, 0.3466, 0.3812)
     """
     _check_norm(normalization)
-    w_sm = _check_weight("smoothing_weight", smoothing_weight)
-    w_ent = _check_weight("entropy_weight", entropy_weight)
+    w_sm = check_weight("smoothing_weight", smoothing_weight)
+    w_ent = check_weight("entropy_weight", entropy_weight)
     x, y = _check_inputs(logits, labels, ignore_index)
     c = x.shape[1]
     confident, ignored = region_masks(y, ignore_index)
@@ -346,8 +335,8 @@ class RegionAdaptiveLoss(nn.Module):
     ) -> None:
         super().__init__()
         _check_norm(normalization)
-        self.smoothing_weight = _check_weight("smoothing_weight", smoothing_weight)
-        self.entropy_weight = _check_weight("entropy_weight", entropy_weight)
+        self.smoothing_weight = check_weight("smoothing_weight", smoothing_weight)
+        self.entropy_weight = check_weight("entropy_weight", entropy_weight)
         self.ignore_index = int(ignore_index)
         self.normalization: Normalization = normalization
 
@@ -544,10 +533,10 @@ def hiast_loss(
     """
     _check_norm(normalization)
     _check_region("consistency_region", consistency_region)
-    ce_weight = _check_weight("ce_weight", ce_weight)
-    smoothing_weight = _check_weight("smoothing_weight", smoothing_weight)
-    entropy_weight = _check_weight("entropy_weight", entropy_weight)
-    consistency_weight = _check_weight("consistency_weight", consistency_weight)
+    ce_weight = check_weight("ce_weight", ce_weight)
+    smoothing_weight = check_weight("smoothing_weight", smoothing_weight)
+    entropy_weight = check_weight("entropy_weight", entropy_weight)
+    consistency_weight = check_weight("consistency_weight", consistency_weight)
     x, y = _check_inputs(logits, labels, ignore_index)
     c = x.shape[1]
     teacher = None
@@ -613,8 +602,8 @@ class HIASTLoss(nn.Module):
         normalization: Normalization = "reference",
     ) -> None:
         super().__init__()
-        self.ce_weight = _check_weight("ce_weight", ce_weight)
-        self.consistency_weight = _check_weight("consistency_weight", consistency_weight)
+        self.ce_weight = check_weight("ce_weight", ce_weight)
+        self.consistency_weight = check_weight("consistency_weight", consistency_weight)
         self.regularisation = RegionAdaptiveLoss(
             smoothing_weight=smoothing_weight,
             entropy_weight=entropy_weight,

@@ -36,6 +36,7 @@ from ._checks import (
     check_labels,
     check_positive_int,
     check_unit_interval,
+    check_weight,
 )
 
 __all__ = [
@@ -269,11 +270,7 @@ class MaskedImageConsistencyLoss(nn.Module):
 
     def __init__(self, *, weight: float = 1.0, ignore_index: int = 255) -> None:
         super().__init__()
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(f"weight must be a number, got {type(weight).__name__}")
-        if not (math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"weight must be finite and non-negative, got {weight}")
-        self.weight = float(weight)
+        self.weight = check_weight("weight", weight)
         self.ignore_index = ignore_index
 
     def extra_repr(self) -> str:
