@@ -2,6 +2,7 @@
 
     python examples/semi_supervised.py                          # fractions 1/8, 1/4, 1/2, ~8 min CPU
     python examples/semi_supervised.py --fractions 0.125 --iters 800
+    python examples/semi_supervised.py --seeds 0 1 2            # mean ± std; reruns skip done seeds
 
 For each fraction: a model is trained on the labelled images for ``--iters`` steps; then
 (a) **supervised only** continues for ``--iters`` more steps on the labelled images, and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from _pipeline_utils import (
 from torch.utils.data import Subset
 
 import uda_selftrain as ust
-from uda_selftrain.atomic import atomic_save_json
+from uda_selftrain.atomic import atomic_open, atomic_save_json
 from uda_selftrain.augment import normalize
 from uda_selftrain.datasets import Cityscapes, synthetic
 from uda_selftrain.mixing import class_difficulty, paste_views
@@ -109,6 +111,10 @@ def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, de
     return evaluate(final, val, cfg, device, desc=f"eval {desc}")["miou"]
 
 
+#: Arguments that do not change results (a rerun may change them).
+RUNTIME_ARGS = {"seed", "seeds", "device", "out", "quiet"}
+
+
 def run_fractions(args, cfg, train_set, val, device, seed: int) -> dict[str, dict]:
     """Supervised-only and semi-supervised training for every labelled fraction, one seed."""
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -178,25 +184,49 @@ def main(argv: list[str] | None = None) -> int:
     train_set = Cityscapes(root / "target", "train")  # the synthetic target train split has labels
     val = Cityscapes(root / "target", "val")
     device = torch.device(args.device)
-    runs = {
-        str(s): run_fractions(args, cfg, train_set, val, device, s)
-        for s in args.seeds or [args.seed]
-    }
-    results = {}
+    out = Path(args.out)
+    # One file per seed: a rerun skips the seeds already done (and refuses other settings).
+    settings = {k: v for k, v in vars(args).items() if k not in RUNTIME_ARGS}
+    runs = {}
+    for s in args.seeds or [args.seed]:
+        path = out / f"seed{s}.json"
+        if path.is_file():
+            done = json.loads(path.read_text())
+            if done["settings"] != settings:
+                raise SystemExit(f"{path} was made with other settings; use another --out")
+            runs[str(s)] = done["results"]
+            continue
+        runs[str(s)] = run_fractions(args, cfg, train_set, val, device, s)
+        atomic_save_json(path, {"settings": settings, "results": runs[str(s)]})
+    results, lines = {}, []
     for f in args.fractions:
         rows = [r[str(f)] for r in runs.values()]
+        sup, semi = [r["supervised_only"] for r in rows], [r["hiast"] for r in rows]
         results[str(f)] = {
             "labelled": rows[0]["labelled"],
-            "supervised_only": [r["supervised_only"] for r in rows],
-            "hiast": [r["hiast"] for r in rows],
+            "supervised_only": sup,
+            "hiast": semi,
             "seeds": list(runs),
         }
+        diff = [b - a for a, b in zip(sup, semi, strict=True)]
+        lines.append(
+            f"| {f:g} ({rows[0]['labelled']}) | {mean_std(sup)} | {mean_std(semi)} | "
+            f"{mean_std(diff)} ({', '.join(f'{100 * d:+.1f}' for d in diff)}) |"
+        )
         print(
             f"fraction {f:g} ({rows[0]['labelled']} labelled): supervised only "
-            f"{mean_std([r['supervised_only'] for r in rows])}, with HIAST "
-            f"{mean_std([r['hiast'] for r in rows])} mIoU (seeds {list(runs)})"
+            f"{mean_std(sup)}, with HIAST {mean_std(semi)} mIoU (seeds {list(runs)})"
         )
-    atomic_save_json(Path(args.out) / "results.json", {"args": vars(args), "results": results})
+    table = [
+        f"Seeds {', '.join(runs)}; mIoU %, mean ± sample std; the difference is paired by seed.",
+        "",
+        "| labelled fraction (images) | supervised only | with HIAST | HIAST − supervised (per seed) |",
+        "|---|---|---|---|",
+        *lines,
+    ]
+    with atomic_open(out / "results.md", "w") as fh:
+        fh.write("\n".join(table) + "\n")
+    atomic_save_json(out / "results.json", {"args": vars(args), "results": results})
     return 0
 
 

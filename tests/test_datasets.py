@@ -300,6 +300,20 @@ def test_synthetic_city_is_deterministic_and_loads(tmp_path):
         synthetic.generate(a, synthetic.PRESETS["default"], progress=False)
 
 
+def test_large_synthetic_city_draws_the_same_scenes_with_wider_thin_classes():
+    small, large = synthetic.PRESETS["default"], synthetic.PRESETS["large"]
+    assert (large.height, large.width) == (2 * small.height, 2 * small.width)
+    for i in range(5):
+        a = synthetic.sample_layout(np.random.default_rng([0, 0, i]), small.height, small.width)
+        b = synthetic.sample_layout(np.random.default_rng([0, 0, i]), large.height, large.width)
+        # The same layout in relative coordinates: downsampled, the large map mostly agrees.
+        assert (b[::2, ::2] == a).mean() > 0.9
+        poles_a = (a == synthetic.POLE).sum(axis=0)
+        poles_b = (b == synthetic.POLE).sum(axis=0)
+        if poles_a.any():  # twice as many pole columns at twice the width
+            assert (poles_b > 0).sum() >= 1.5 * (poles_a > 0).sum()
+
+
 def test_synthetic_domains_differ():
     rng = np.random.default_rng(0)
     lab = synthetic.sample_layout(rng, 48, 96)

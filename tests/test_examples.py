@@ -139,6 +139,23 @@ def test_ablation_flags_parse():
     assert seeds == [0, 1]
 
 
+def test_large_preset_is_the_synthetic_city_at_twice_the_resolution():
+    cfg, _, _ = hiast_full.parse_args(["--preset", "large"])
+    data = _pipeline_utils.synthetic.PRESETS[cfg.synthetic_preset]
+    default = _pipeline_utils.synthetic.PRESETS["default"]
+    assert (data.height, data.width) == (2 * default.height, 2 * default.width)
+    assert cfg.crop_size == (128, 256) and cfg.data_dir != _pipeline_utils.Config.data_dir
+    assert cfg.run_dir == "runs/large" and cfg.num_classes == 19
+    # Its schedule is the default's: only the sizes (and the batch, for time) change.
+    base = _pipeline_utils.Config()
+    assert (cfg.source_iters, cfg.warmup_iters, cfg.round_iters, cfg.rounds) == (
+        base.source_iters,
+        base.warmup_iters,
+        base.round_iters,
+        base.rounds,
+    )
+
+
 def test_seed_table_reports_mean_and_sample_std():
     rows = {
         "a": [{"miou": 0.30, "iou": [0.2, 0.4]}, {"miou": 0.40, "iou": [0.2, 0.6]}],
@@ -260,6 +277,15 @@ def test_online_and_semi_supervised_examples_run(tiny_run, tmp_path):
     assert semi_supervised.main([*semi, "--seeds", "0", "1"]) == 0
     res = json.loads((tmp_path / "s" / "results.json").read_text())["results"]
     assert len(res["0.5"]["hiast"]) == 2 and all(0 <= v <= 1 for v in res["0.5"]["supervised_only"])
+    assert "| 0.5 (6) |" in (tmp_path / "s" / "results.md").read_text()
+    # A third seed reuses the two done (their files are not rewritten); other settings are refused.
+    before = (tmp_path / "s" / "seed0.json").stat().st_mtime_ns
+    assert semi_supervised.main([*semi, "--seeds", "0", "1", "2"]) == 0
+    assert (tmp_path / "s" / "seed0.json").stat().st_mtime_ns == before
+    res = json.loads((tmp_path / "s" / "results.json").read_text())["results"]
+    assert res["0.5"]["seeds"] == ["0", "1", "2"]
+    with pytest.raises(SystemExit, match="other settings"):
+        semi_supervised.main([*common, "--iters", "3", "--fractions", "0.5", "--out", semi[-1]])
 
 
 def test_online_example_composes_daformer_and_mic_components(tiny_run, tmp_path, monkeypatch):
