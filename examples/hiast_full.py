@@ -1,6 +1,7 @@
 """The full HIAST pipeline (method §1), end to end, resumable, on one or many devices.
 
     python examples/hiast_full.py                      # built-in synthetic city, CPU, ~10 min
+    python examples/hiast_full.py --preset large       # the city at 192 × 384 (thin classes), ~14 min
     python examples/hiast_full.py --preset gta5 --source-root data/GTA5 --target-root data/cityscapes \\
         --device cuda --amp
     torchrun --nproc_per_node 4 examples/hiast_full.py --preset gta5 ...   # multi-GPU
