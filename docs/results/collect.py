@@ -151,8 +151,8 @@ def quality_table(runs: dict[str, Path], seeds: list[int], rounds: list[int], ta
 
 
 def large_section(runs: Path, data: Path, city: list[str]) -> list[str]:
-    """The large preset (192 × 384): the target oracle, source-only, warm-up, CT and HIAST."""
-    oracle, hiast, ct = (runs / n / "results_seeds.json" for n in ("oracle", "hiast", "ct"))
+    """The large preset (192 × 384): the target oracle, source-only, warm-up, CT, IAS + CE, HIAST."""
+    oracle, hiast = (runs / n / "results_seeds.json" for n in ("oracle", "hiast"))
     if not hiast.is_file():
         return []
     seeds, res = seeded(hiast)
@@ -162,16 +162,19 @@ def large_section(runs: Path, data: Path, city: list[str]) -> list[str]:
         rows["target oracle"] = seeded(oracle)[1]
         finals["target oracle"] = rows["target oracle"]["source_only"]
     finals["source-only"], finals["warm-up"] = res["source_only"], res["warmup"]
-    if ct.is_file():
-        rows["CT"] = seeded(ct)[1]
-        finals["CT"] = rows["CT"]["round3"]
+    for label, name in (("CT", "ct"), ("IAS + CE", "ias")):
+        path = runs / name / "results_seeds.json"
+        if path.is_file():
+            rows[label] = seeded(path)[1]
+            finals[label] = rows[label]["round3"]
     rows["HIAST"] = res
     finals["HIAST"] = res["round3"]
     columns = ["source_only", "warmup", "round1", "round2", "round3"]
     out = [f"## Large preset, 192 × 384 (seeds {seeds})", "", miou_table(rows, columns), ""]
     out += ["Final model, per class:", "", class_table(finals, city), ""]
     out += ["Final mIoU, paired by seed:", "", paired_table(finals), ""]
-    trained = {k: runs / n for k, n in (("CT", "ct"), ("HIAST", "hiast")) if (runs / n).is_dir()}
+    names = (("CT", "ct"), ("IAS + CE", "ias"), ("HIAST", "hiast"))
+    trained = {k: runs / n for k, n in names if (runs / n / "results_seeds.json").is_file()}
     if (data / "target").is_dir():
         target = Cityscapes(data / "target", "train")
         summary, detail = quality_table(trained, seeds, [1, 2, 3], target, None, city)
