@@ -187,7 +187,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "synthetic_preset": "large",
         "data_dir": "data/synthetic_city_large",
         "crop_size": (128, 256),
-        "batch_size": 4,  # twice the default's pixels per step, about 21 min per seed on 2 cores
+        "batch_size": 4,  # twice the default's pixels per step; about 14 min per seed on 2 cores
         "run_dir": "runs/large",
     },
     "tiny": {
