@@ -599,8 +599,7 @@ def parse_args(
             rounds=min(1, cfg0.rounds),
             checkpoint_every=max(1, n),
         )
-    if args.preset not in ("synthetic", "things", "large") and "run_dir" not in values:
-        values["run_dir"] = f"runs/{args.preset}"
+    values.setdefault("run_dir", f"runs/{args.preset}")
     return Config(preset=args.preset, **values), args.ablation, args.seeds or []
 
 
