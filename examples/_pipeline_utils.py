@@ -629,9 +629,13 @@ def check_run_config(
     its default (``defaults``): such runs resume.
     """
     path = run_dir / "config.json"
-    # Temporary files of atomic writes interrupted by a kill (".<name>.<random>.tmp").
-    for orphan in run_dir.rglob(".*.tmp"):
-        orphan.unlink(missing_ok=True)
+    # Temporary files of atomic writes interrupted by a kill (".<name>.<random>.tmp"). Only rank 0
+    # deletes them, and every rank waits for it: a rank still sweeping while rank 0 writes
+    # config.json would delete rank 0's temporary file under it (a flaky DDP test did just that).
+    if is_main_process():
+        for orphan in run_dir.rglob(".*.tmp"):
+            orphan.unlink(missing_ok=True)
+    barrier()
     if path.is_file():
         try:
             old = json.loads(path.read_text())
