@@ -114,7 +114,8 @@ def map_labels(labels: np.ndarray | torch.Tensor, table: np.ndarray) -> np.ndarr
     if arr.dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array, got {arr.dtype}")
     ext = np.append(table, IGNORE_INDEX).astype(np.uint8)
-    idx = np.where((arr < 0) | (arr >= len(table)), len(table), arr)
+    # As intp: under NumPy >= 2.5 an out-of-range index such as 256 no longer fits a uint8 array.
+    idx = np.where((arr < 0) | (arr >= len(table)), len(table), arr.astype(np.intp, copy=False))
     return ext[idx]
 
 
