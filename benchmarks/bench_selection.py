@@ -78,7 +78,7 @@ def main() -> None:
     conf, pred = probs.max(1)
     alpha, beta, gamma = 0.5, 0.9, 8.0
     print(f"machine: {machine()}")
-    selector_check = InstanceAdaptiveSelector(c)
+    selector_check = InstanceAdaptiveSelector(c).to(device)
     selector_check(probs[:1], probabilities=True)  # validates the inputs once (NaN/Inf, range)
     print(
         f"inputs: probabilities {tuple(probs.shape)} float32 on {device}, logit scale {args.scale}, "

@@ -403,3 +403,20 @@ def test_value_checks_context_is_thread_local():
         ust.pseudo_label_ce(nan, y)  # no check, no error
     with pytest.raises(ValueError, match="NaN"):
         ust.pseudo_label_ce(nan, y)
+
+
+@pytest.mark.parametrize("kind", ["ias", "constant", "argmax", "cbst"])
+def test_selectors_name_a_device_mismatch(kind):
+    # The module's state stays where it was made; scores elsewhere get a clear error, not a
+    # device mismatch deep inside the update ("meta" stands in for an accelerator).
+    selector = {
+        "ias": lambda: ust.InstanceAdaptiveSelector(4),
+        "constant": lambda: ust.ConstantThresholdSelector(4),
+        "argmax": lambda: ust.ArgmaxSelector(4),
+        "cbst": lambda: ust.CBSTSelector(4),
+    }[kind]().to("meta")
+    with pytest.raises(ValueError, match=r"move the module with \.to\('cpu'\)"):
+        if kind == "cbst":
+            selector.observe(torch.randn(1, 4, 8, 8))
+        else:
+            selector(torch.randn(1, 4, 8, 8))

@@ -509,8 +509,28 @@ def _check_granularity(granularity: str) -> Granularity:
     return granularity  # type: ignore[return-value]
 
 
+_SELECTOR_MEMBERS = (
+    "num_classes",
+    "ignore_index",
+    "thresholds",
+    "class_values",
+    "class_pixels",
+    "reset",
+)
+
+
+class _SelectorMeta(type(Protocol)):  # type: ignore[misc]
+    # From Python 3.12 on, isinstance() against a runtime-checkable protocol looks attributes up
+    # statically, and so never finds an nn.Module's buffers (they live in ``_buffers``, reached
+    # through ``__getattr__``): every selector would fail the check. Look them up normally.
+    def __instancecheck__(cls, instance: object) -> bool:
+        if cls is Selector:
+            return callable(instance) and all(hasattr(instance, m) for m in _SELECTOR_MEMBERS)
+        return super().__instancecheck__(instance)
+
+
 @runtime_checkable
-class Selector(Protocol):
+class Selector(Protocol, metaclass=_SelectorMeta):
     """What every selector implements: the same call, the same state.
 
     ``selector(scores, probabilities=False)`` returns a :class:`Selection`; ``thresholds``
@@ -580,6 +600,14 @@ class _SelectorState(nn.Module):
         self.class_pixels.zero_()
         self.num_instances.zero_()
 
+    def _check_device(self, confidence: torch.Tensor) -> None:
+        # A clear error instead of a device mismatch deep inside the update (no host sync).
+        if confidence.device != self.thresholds.device:
+            raise ValueError(
+                f"{type(self).__name__}'s state is on {self.thresholds.device} but the scores are "
+                f"on {confidence.device}: move the module with .to({str(confidence.device)!r})"
+            )
+
     def _update_class_values(self, counts: torch.Tensor, sums: torch.Tensor, sync: bool) -> None:
         if sync:
             counts, sums = all_reduce_sum(counts), all_reduce_sum(sums)
@@ -596,6 +624,7 @@ class _SelectorState(nn.Module):
         self, labels: torch.Tensor, confidence: torch.Tensor, prediction: torch.Tensor
     ) -> Selection:
         """Count a selection once and update the class values image by image (the baselines)."""
+        self._check_device(confidence)
         counts, sums = selected_class_statistics(labels, confidence, self.num_classes)
         sync = self.sync and is_distributed()
         n = counts.shape[0]
@@ -738,6 +767,7 @@ class InstanceAdaptiveSelector(_SelectorState):
         return self._select(conf, pred.long())
 
     def _select(self, conf: torch.Tensor, pred: torch.Tensor) -> Selection:
+        self._check_device(conf)
         sync = self.sync and is_distributed()
         if self.granularity == "batch":
             groups = [slice(0, conf.shape[0])]
@@ -926,6 +956,7 @@ class CBSTSelector(_SelectorState):
         """Accumulate the confidences of ``scores`` ``(N, C, H, W)`` into the class histograms."""
         _check_scores(scores, self.num_classes)
         conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
+        self._check_device(conf)
         b = (conf * self.bins).long().clamp_(0, self.bins - 1)
         index = (pred * self.bins + b).reshape(-1)
         size = self.num_classes * self.bins
