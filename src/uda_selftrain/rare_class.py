@@ -173,13 +173,15 @@ def rare_class_sample(
     (torch.Size([3]), True)
     """
     check_positive_int("num_samples", num_samples)
-    probs = rare_class_probabilities(counts, temperature=temperature, min_pixels=min_pixels)
+    # The draw is made on the CPU (the generator's device), whatever device the counts are on.
+    counts_cpu = _check_counts("counts", counts).detach().cpu()
+    probs = rare_class_probabilities(counts_cpu, temperature=temperature, min_pixels=min_pixels)
     if not bool(probs.sum() > 0):
         raise ValueError(
             f"no class is drawable: no image holds more than min_pixels={min_pixels} pixels of any "
             "class (lower min_pixels, scaled to your label size)"
         )
-    counts_cpu = counts.detach().cpu().long()
+    counts_cpu = counts_cpu.long()
     img, offsets = _eligible(counts_cpu, min_pixels)
     classes = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
     u = torch.rand(num_samples, generator=generator, dtype=torch.float64)
