@@ -360,3 +360,24 @@ def test_batched_geometry_identity_box_is_exact(monkeypatch):
     out, (lab_out,) = weak_geometry(img, p, (8, 16), [lab])
     assert torch.equal(out[0], img[0].flip(-1)) and torch.equal(out[1], img[1])
     assert torch.equal(lab_out[0], lab[0].flip(-1)) and torch.equal(lab_out[1], lab[1])
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_views_ignore_a_callers_autocast(device, batched, monkeypatch):
+    # Mixed-precision training wraps the step in autocast; the colour matrix product and the blur
+    # convolution must still run in float32 (under autocast they returned bfloat16, which
+    # index_copy_ refused on the GPU dry run).
+    monkeypatch.setattr(augment, "_BATCHED_BLUR_ON_CPU", batched)
+    monkeypatch.setattr(augment, "_BATCHED_GEOMETRY_ON_CPU", batched)
+    views = WeakStrongViews((16, 32))
+    img = torch.rand(8, 3, 32, 64, device=device)
+    lab = torch.randint(0, 19, (8, 32, 64), device=device)
+    plain = views(img, [lab], generator=torch.Generator().manual_seed(3))
+    low = torch.bfloat16 if device.type == "cpu" else torch.float16
+    with torch.autocast(device.type, dtype=low):
+        mixed = views(img, [lab], generator=torch.Generator().manual_seed(3))
+        ones = torch.ones(2, 2, device=device)
+        assert (ones @ ones).dtype == low  # the caller's autocast is back after the views
+    assert mixed.weak.dtype == mixed.strong.dtype == torch.float32
+    assert torch.equal(mixed.weak, plain.weak) and torch.equal(mixed.strong, plain.strong)
+    assert torch.equal(mixed.maps[0], plain.maps[0])

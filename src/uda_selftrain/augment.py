@@ -18,6 +18,7 @@ visualisation.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -82,6 +83,19 @@ def check_image_scale(name: str, images: torch.Tensor) -> None:
             raise ValueError(
                 f"{name} must be floating point in [0, 1] or uint8, got values in [{lo:g}, {hi:g}]{hint}"
             )
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Autocast disabled on ``device`` for the enclosed image operations.
+
+    A caller's ``torch.autocast`` region (mixed-precision training) would otherwise run the colour
+    matrix product and the blur convolution in bfloat16/float16: a dtype mismatch when the result
+    is copied back into the float32 batch, and image arithmetic at 8 bits of mantissa. Views are
+    data preparation, so they keep the images' dtype whatever the caller's autocast state.
+    """
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _as_unit_float(name: str, images: object) -> torch.Tensor:
@@ -294,10 +308,11 @@ def weak_geometry(
     ):
         raise ValueError(f"params.boxes must lie inside the {h_in}x{w_in} images")
     flips = params.flips.tolist()
-    if x.device.type != "cpu" or _BATCHED_GEOMETRY_ON_CPU:
-        out, out_maps = _geometry_batched(x, params, (out_h, out_w), maps)
-    else:
-        out, out_maps = _geometry_looped(x, boxes, flips, (out_h, out_w), maps)
+    with _autocast_off(x.device):
+        if x.device.type != "cpu" or _BATCHED_GEOMETRY_ON_CPU:
+            out, out_maps = _geometry_batched(x, params, (out_h, out_w), maps)
+        else:
+            out, out_maps = _geometry_looped(x, boxes, flips, (out_h, out_w), maps)
     if out.dtype == torch.uint8 and not keep_uint8:
         out = _to_unit(out)
     return out, out_maps
@@ -634,7 +649,8 @@ def strong_colour(images: torch.Tensor, params: ColourParams) -> torch.Tensor:
 
     Each operation runs once per drawing position on the subset of samples that drew and applied
     it (indices known on the host from ``params``, so no device synchronisation). Output stays in
-    ``[0, 1]``; shape and dtype are kept (uint8 input comes back as float).
+    ``[0, 1]``; shape and dtype are kept (uint8 input comes back as float), also inside a
+    caller's ``torch.autocast`` region (autocast is off for these operations).
 
     >>> import torch
     >>> x = torch.rand(4, 3, 16, 16)
@@ -647,14 +663,16 @@ def strong_colour(images: torch.Tensor, params: ColourParams) -> torch.Tensor:
     if params.ops.shape[0] != n:
         raise ValueError(f"params were drawn for {params.ops.shape[0]} samples, images hold {n}")
     out = x.clone() if x is images else x
-    for step in range(params.ops.shape[1]):
-        for op in range(len(COLOUR_OPS)):
-            chosen = (params.ops[:, step] == op) & params.apply[:, step]
-            idx = torch.nonzero(chosen).flatten()  # CPU tensor: no device sync
-            if len(idx) == 0:
-                continue
-            dev_idx = idx.to(x.device)
-            out.index_copy_(0, dev_idx, _apply_op(op, out.index_select(0, dev_idx), params, idx))
+    with _autocast_off(x.device):
+        for step in range(params.ops.shape[1]):
+            for op in range(len(COLOUR_OPS)):
+                chosen = (params.ops[:, step] == op) & params.apply[:, step]
+                idx = torch.nonzero(chosen).flatten()  # CPU tensor: no device sync
+                if len(idx) == 0:
+                    continue
+                dev_idx = idx.to(x.device)
+                sub = _apply_op(op, out.index_select(0, dev_idx), params, idx)
+                out.index_copy_(0, dev_idx, sub)
     return out
 
 
