@@ -150,8 +150,19 @@ def quality_table(runs: dict[str, Path], seeds: list[int], rounds: list[int], ta
     return "\n".join(lines), "\n".join(rows)
 
 
+#: The large preset's ablation rows and their run folders under runs/large.
+LARGE_ABLATION = (
+    ("CT", "ct"),
+    ("IAS + CE", "ias"),
+    ("+ HPLA", "hpla"),
+    ("+ regularisation", "reg"),
+    ("HIAST", "hiast"),
+)
+
+
 def large_section(runs: Path, data: Path, city: list[str]) -> list[str]:
-    """The large preset (192 × 384): the target oracle, source-only, warm-up, CT, IAS + CE, HIAST."""
+    """The large preset (192 × 384): the target oracle, source-only, warm-up, and the ablation's
+    rows from the same warm-ups (CT, IAS + CE, + HPLA, + regularisation, HIAST)."""
     oracle, hiast = (runs / n / "results_seeds.json" for n in ("oracle", "hiast"))
     if not hiast.is_file():
         return []
@@ -162,7 +173,8 @@ def large_section(runs: Path, data: Path, city: list[str]) -> list[str]:
         rows["target oracle"] = seeded(oracle)[1]
         finals["target oracle"] = rows["target oracle"]["source_only"]
     finals["source-only"], finals["warm-up"] = res["source_only"], res["warmup"]
-    for label, name in (("CT", "ct"), ("IAS + CE", "ias")):
+    # The ablation's rows from the same warm-ups: CT, then each HIAST component added in turn.
+    for label, name in LARGE_ABLATION[:-1]:
         path = runs / name / "results_seeds.json"
         if path.is_file():
             rows[label] = seeded(path)[1]
@@ -173,8 +185,9 @@ def large_section(runs: Path, data: Path, city: list[str]) -> list[str]:
     out = [f"## Large preset, 192 × 384 (seeds {seeds})", "", miou_table(rows, columns), ""]
     out += ["Final model, per class:", "", class_table(finals, city), ""]
     out += ["Final mIoU, paired by seed:", "", paired_table(finals), ""]
-    names = (("CT", "ct"), ("IAS + CE", "ias"), ("HIAST", "hiast"))
-    trained = {k: runs / n for k, n in names if (runs / n / "results_seeds.json").is_file()}
+    trained = {
+        k: runs / n for k, n in LARGE_ABLATION if (runs / n / "results_seeds.json").is_file()
+    }
     if (data / "target").is_dir():
         target = Cityscapes(data / "target", "train")
         summary, detail = quality_table(trained, seeds, [1, 2, 3], target, None, city)
@@ -219,21 +232,43 @@ def main() -> None:
         "HIAST + threshold floor 0.9": args.runs / "weak" / "hiast_floor",
         "HIAST + ramp-up 250": args.runs / "weak" / "hiast_rampup",
     }
-    # The weak start begins from the seeded ablation's source-only models.
-    weak_source = None
-    if abl.is_file():
-        weak_source = seeded(abl)[1]["source_only"]
-    for title, group, names, table, rounds, start in (
+    large = args.runs / "large"
+    large_weak = {"CT": large / "weak_ct", "HIAST": large / "weak_hiast"}
+    lt = args.runs / "large_things"
+    large_things = {
+        "source-only": lt / "source",
+        "CT": lt / "ct",
+        "IAS + CE": lt / "ias",
+        "HIAST": lt / "hiast",
+        "HIAST without regularisation": lt / "hiast_noreg",
+    }
+    # The weak starts begin from the source-only models of the seeded ablation (default preset)
+    # and of the default pipeline (large preset).
+    weak_source = seeded(abl)[1]["source_only"] if abl.is_file() else None
+    large_runs = large / "hiast" / "results_seeds.json"
+    large_source = seeded(large_runs)[1]["source_only"] if large_runs.is_file() else None
+    target_large = (
+        Cityscapes(args.data_large / "target", "train")
+        if (args.data_large / "target").is_dir()
+        else None
+    )
+    things_classes, things_table = list(THINGS_CLASSES), lookup_table(THINGS_MAP)
+    regimes = (
+        ("Collapse regime ('things')", things, things_classes, things_table, [1, 2], None, target),
+        ("Weak start (19 classes)", weak, city, None, [1, 2, 3], weak_source, target),
         (
-            "Collapse regime ('things')",
-            things,
-            list(THINGS_CLASSES),
-            lookup_table(THINGS_MAP),
+            "Large preset: collapse regime ('things' at 192 × 384)",
+            large_things,
+            things_classes,
+            things_table,
             [1, 2],
             None,
+            target_large,
         ),
-        ("Weak start (19 classes)", weak, city, None, [1, 2, 3], weak_source),
-    ):
+        ("Large preset: weak start", large_weak, city, None, [1, 2, 3], large_source, target_large),
+    )
+    regime_out: list[tuple[bool, str]] = []  # (large preset?, section)
+    for title, group, names, table, rounds, start, tgt in regimes:
         rows, finals, seeds = {}, {}, []
         for label, run in group.items():
             path = run / "results_seeds.json"
@@ -246,21 +281,20 @@ def main() -> None:
         if not rows:
             continue
         columns = ["source_only", *[f"round{k}" for k in rounds]]
-        out += [f"## {title} (seeds {seeds})", "", miou_table(rows, columns), ""]
-        out += ["Final model, per class:", "", class_table(finals, names), ""]
+        sec = [f"## {title} (seeds {seeds})", "", miou_table(rows, columns), ""]
+        sec += ["Final model, per class:", "", class_table(finals, names), ""]
         if start is not None:
             finals = {"source-only": start, **finals}
-        out += ["Final mIoU, paired by seed:", "", paired_table(finals), ""]
+        sec += ["Final mIoU, paired by seed:", "", paired_table(finals), ""]
         trained = {k: v for k, v in group.items() if k != "source-only" and v.is_dir()}
-        summary, detail = quality_table(trained, seeds, rounds, target, table, names)
-        out += [
-            "Pseudo-labels against the target training labels (mean over seeds):",
-            "",
-            summary,
-            "",
-        ]
-        out += ["Per class, % of all pixels (precision %):", "", detail, ""]
-    out += large_section(args.runs / "large", args.data_large, city)
+        if tgt is not None and trained:
+            summary, detail = quality_table(trained, seeds, rounds, tgt, table, names)
+            sec += ["Pseudo-labels against the target training labels (mean over seeds):", ""]
+            sec += [summary, "", "Per class, % of all pixels (precision %):", "", detail, ""]
+        regime_out.append((tgt is not target, "\n".join(sec)))
+    out += [text for is_large, text in regime_out if not is_large]
+    out += large_section(large, args.data_large, city)
+    out += [text for is_large, text in regime_out if is_large]
     args.out.write_text("\n".join(out) + "\n")
     print("\n".join(out))
 
