@@ -286,7 +286,11 @@ def main() -> None:
         if start is not None:
             finals = {"source-only": start, **finals}
         sec += ["Final mIoU, paired by seed:", "", paired_table(finals), ""]
-        trained = {k: v for k, v in group.items() if k != "source-only" and v.is_dir()}
+        trained = {
+            k: v
+            for k, v in group.items()
+            if k != "source-only" and (v / "results_seeds.json").is_file()
+        }
         if tgt is not None and trained:
             summary, detail = quality_table(trained, seeds, rounds, tgt, table, names)
             sec += ["Pseudo-labels against the target training labels (mean over seeds):", ""]
