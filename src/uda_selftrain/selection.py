@@ -509,23 +509,14 @@ def _check_granularity(granularity: str) -> Granularity:
     return granularity  # type: ignore[return-value]
 
 
-_SELECTOR_MEMBERS = (
-    "num_classes",
-    "ignore_index",
-    "thresholds",
-    "class_values",
-    "class_pixels",
-    "reset",
-)
-
-
 class _SelectorMeta(type(Protocol)):  # type: ignore[misc]
     # From Python 3.12 on, isinstance() against a runtime-checkable protocol looks attributes up
     # statically, and so never finds an nn.Module's buffers (they live in ``_buffers``, reached
     # through ``__getattr__``): every selector would fail the check. Look them up normally.
     def __instancecheck__(cls, instance: object) -> bool:
         if cls is Selector:
-            return callable(instance) and all(hasattr(instance, m) for m in _SELECTOR_MEMBERS)
+            members = (*Selector.__annotations__, "reset")  # the protocol's own member list
+            return callable(instance) and all(hasattr(instance, m) for m in members)
         return super().__instancecheck__(instance)
 
 
