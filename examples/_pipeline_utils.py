@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -660,6 +660,26 @@ def check_run_config(
             )
     elif is_main_process():
         atomic_save_json(path, config)
+
+
+def cached_result(path: Path, settings: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """The result stored at ``path`` if it was made with ``settings``; else ``compute()``, stored.
+
+    One file per unit of work (a seed, a variant and seed) lets a rerun of the same command skip
+    the units already done; a file made with other settings is refused rather than silently
+    mixed into the new results.
+    """
+    if path.is_file():
+        try:
+            done = json.loads(path.read_text())
+        except ValueError as err:
+            raise SystemExit(f"{path} is damaged ({err}); delete it to recompute") from None
+        if not isinstance(done, dict) or done.get("settings") != settings:
+            raise SystemExit(f"{path} was made with other settings; use another --out")
+        return done["result"]
+    result = compute()
+    atomic_save_json(path, {"settings": settings, "result": result})
+    return result
 
 
 class MetricsLog:

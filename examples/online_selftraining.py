@@ -34,9 +34,9 @@ Prints (and writes to ``--out``/results.json) the target mIoU of every variant, 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from _pipeline_utils import (
     IterationBatches,
     build_data,
     build_model,
+    cached_result,
     evaluate,
     loader,
     mean_std,
@@ -215,6 +216,31 @@ def run_variant(
     return evaluate(teacher.module, val, cfg, device, desc=f"eval {name}")
 
 
+#: Options that do not change a result: a stored (variant, seed) file is reused across them.
+RUNTIME_ARGS = {"seed", "seeds", "variants", "device", "out", "quiet"}
+
+
+def run_seed(
+    name: str,
+    opts: dict[str, bool],
+    args: argparse.Namespace,
+    seed: int,
+    cfg: Config,
+    data: tuple[Any, ...],
+    counts: torch.Tensor | None,
+) -> dict[str, Any]:
+    """One (variant, seed): its mIoU, per-class IoU and wall time."""
+    start = time.perf_counter()
+    scores = run_variant(
+        name, opts, argparse.Namespace(**{**vars(args), "seed": seed}), cfg, data, counts
+    )
+    return {
+        "miou": float(scores["miou"]),
+        "iou": [float(x) for x in scores["iou"]],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -269,26 +295,18 @@ def main(argv: list[str] | None = None) -> int:
             cache=Path(args.data_dir) / "source_class_counts.npz",
         )
     out = Path(args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in RUNTIME_ARGS}
     seeds = args.seeds or [args.seed]
     results, rows = {}, {}
     for v, opts in variants.items():
         per_seed, seconds = [], 0.0
         for s in seeds:
             # One file per (variant, seed): a rerun of the same command skips finished ones.
-            done = out / v / f"seed{s}.json"
-            if done.exists():
-                record = json.loads(done.read_text())
-            else:
-                start = time.perf_counter()
-                scores = run_variant(
-                    v, opts, argparse.Namespace(**{**vars(args), "seed": s}), cfg, data, counts
-                )
-                record = {
-                    "miou": float(scores["miou"]),
-                    "iou": [float(x) for x in scores["iou"]],
-                    "seconds": round(time.perf_counter() - start, 1),
-                }
-                atomic_save_json(done, record)
+            record = cached_result(
+                out / v / f"seed{s}.json",
+                settings,
+                lambda v=v, opts=opts, s=s: run_seed(v, opts, args, s, cfg, data, counts),
+            )
             per_seed.append(record)
             seconds += record["seconds"]
         mious = [r["miou"] for r in per_seed]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from _pipeline_utils import (
     Config,
     IterationBatches,
     build_model,
+    cached_result,
     evaluate,
     loader,
     mean_std,
@@ -187,17 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     # One file per seed: a rerun skips the seeds already done (and refuses other settings).
     settings = {k: v for k, v in vars(args).items() if k not in RUNTIME_ARGS}
-    runs = {}
-    for s in args.seeds or [args.seed]:
-        path = out / f"seed{s}.json"
-        if path.is_file():
-            done = json.loads(path.read_text())
-            if done["settings"] != settings:
-                raise SystemExit(f"{path} was made with other settings; use another --out")
-            runs[str(s)] = done["results"]
-            continue
-        runs[str(s)] = run_fractions(args, cfg, train_set, val, device, s)
-        atomic_save_json(path, {"settings": settings, "results": runs[str(s)]})
+    runs = {
+        str(s): cached_result(
+            out / f"seed{s}.json",
+            settings,
+            lambda s=s: run_fractions(args, cfg, train_set, val, device, s),
+        )
+        for s in args.seeds or [args.seed]
+    }
     results, lines = {}, []
     for f in args.fractions:
         rows = [r[str(f)] for r in runs.values()]

@@ -317,6 +317,10 @@ def test_online_example_composes_daformer_and_mic_components(tiny_run, tmp_path,
     # A rerun reads the finished (variant, seed) files instead of training again.
     monkeypatch.setattr(online_selftraining, "run_variant", lambda *a, **k: 1 / 0)
     assert online_selftraining.main(argv) == 0
+    # ... and refuses them when the settings differ, rather than mixing them into new results.
+    other = [a if a != "2" else "3" for a in argv]
+    with pytest.raises(SystemExit, match="other settings"):
+        online_selftraining.main(other)
     for bad in (["dacs+nope"], ["dacs+hpla"], ["mic"], ["dacs+fd"]):
         with pytest.raises(SystemExit):
             online_selftraining.main([*common, "--out", str(out), "--variants", *bad])
