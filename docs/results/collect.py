@@ -223,6 +223,7 @@ def main() -> None:
         "HIAST + source CE": args.runs / "things" / "hiast_source",
         "HIAST + threshold floor 0.9": args.runs / "things" / "hiast_floor",
         "HIAST + ramp-up 250": args.runs / "things" / "hiast_rampup",
+        "HIAST, EMA momentum 0.99": args.runs / "things" / "hiast_ema99",
     }
     weak = {
         "CT": args.runs / "weak" / "ct",
@@ -231,9 +232,14 @@ def main() -> None:
         "HIAST + source CE": args.runs / "weak" / "hiast_source",
         "HIAST + threshold floor 0.9": args.runs / "weak" / "hiast_floor",
         "HIAST + ramp-up 250": args.runs / "weak" / "hiast_rampup",
+        "HIAST, EMA momentum 0.99": args.runs / "weak" / "hiast_ema99",
     }
     large = args.runs / "large"
-    large_weak = {"CT": large / "weak_ct", "HIAST": large / "weak_hiast"}
+    large_weak = {
+        "CT": large / "weak_ct",
+        "HIAST": large / "weak_hiast",
+        "HIAST without regularisation": large / "weak_hiast_noreg",
+    }
     lt = args.runs / "large_things"
     large_things = {
         "source-only": lt / "source",
