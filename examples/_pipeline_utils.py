@@ -674,8 +674,11 @@ def cached_result(path: Path, settings: dict[str, Any], compute: Callable[[], An
             done = json.loads(path.read_text())
         except ValueError as err:
             raise SystemExit(f"{path} is damaged ({err}); delete it to recompute") from None
-        if not isinstance(done, dict) or done.get("settings") != settings:
-            raise SystemExit(f"{path} was made with other settings; use another --out")
+        # A file of an older layout (no "result" key) is refused too, not read half-way.
+        if not isinstance(done, dict) or done.get("settings") != settings or "result" not in done:
+            raise SystemExit(
+                f"{path} was made with other settings (or an older version); use another --out"
+            )
         return done["result"]
     result = compute()
     atomic_save_json(path, {"settings": settings, "result": result})
