@@ -119,6 +119,10 @@ class Config:
     source_weight: float = 0.0  # keep source CE (this weight) in every self-training step
     min_threshold: float = 0.0  # floor under the IAS thresholds
     rampup_iters: int = 0  # ramp the regularisation and consistency weights up over this many
+    # label-free model selection (examples/_model_selection.py)
+    select: str = "last"  # "last": the last round's teacher; or a validator of ust.VALIDATORS
+    select_images: int = 100  # target training images the validators score
+    patience: int = 0  # stop when the selected model is this many rounds old (0: never)
     # run
     seed: int = 0
     accumulate: int = 1  # split each batch into this many micro-batches (gradient accumulation)
@@ -617,6 +621,10 @@ RUNTIME_KEYS = {
     "eval_only",
     "amp_dtype",
     "checkpoint_every",
+    # Selection reads finished rounds and changes no training: a rerun may choose differently.
+    "select",
+    "select_images",
+    "patience",
 }
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _model_selection import SELECT_CHOICES, rounds_since_pick, select_after_round
 from _pipeline_utils import (
     Amp,
     Config,
@@ -466,6 +467,10 @@ def stage_eval(
 def run_pipeline(
     cfg: Config, device: torch.device, *, shared_warmup: Path | None = None
 ) -> dict[str, dict[str, Any]]:
+    if cfg.select not in SELECT_CHOICES:
+        raise SystemExit(f"--select must be one of {', '.join(SELECT_CHOICES)}, got {cfg.select!r}")
+    if cfg.patience and cfg.select == "last":
+        raise SystemExit("--patience needs a validator to judge the rounds: pass --select too")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_config(run_dir, config_dict(cfg), config_dict(Config()))
@@ -494,6 +499,7 @@ def run_pipeline(
         log(stage="warmup", event="init", path=str(warm_path), unused=report.unused)
     label_model: nn.Module = model
     monitor = ust.CollapseMonitor(source_prior(cfg, run_dir, source), class_names=class_names(cfg))
+    selection: dict[str, Any] = {}
     for k in range(1, cfg.rounds + 1):
         round_dir = run_dir / f"round{k}"
         round_dir.mkdir(exist_ok=True)
@@ -504,11 +510,80 @@ def run_pipeline(
             cfg, run_dir, f"round{k}", teacher.module, val, device, log
         )
         label_model = teacher.module  # the next round's labels come from this round's teacher
-    final = {"teacher": label_model.state_dict()}
+        if cfg.select != "last" or cfg.patience:
+            selection = select_round(cfg, run_dir, k, warm_path, target, device, log)
+            if cfg.patience and rounds_since_pick(selection) >= cfg.patience:
+                print(
+                    f"stopping after round {k}: {selection['picked']} is still the best "
+                    f"by {cfg.select} ({cfg.patience} round(s) of patience)",
+                    file=sys.stderr,
+                )
+                log(stage=f"round{k}", event="early_stop", picked=selection["picked"])
+                break
+    final = label_model
+    if selection and cfg.select != "last":
+        final, results["selected"] = selected_model(
+            cfg, run_dir, selection, results, val, device, log
+        )
     if is_main_process():
-        atomic_torch_save(run_dir / "final.pt", final["teacher"])
+        atomic_torch_save(run_dir / "final.pt", final.state_dict())
         write_report(run_dir, results, cfg)
     return results
+
+
+def select_round(
+    cfg: Config,
+    run_dir: Path,
+    k: int,
+    start: Path | None,
+    target: Any,
+    device: torch.device,
+    log: MetricsLog,
+) -> dict[str, Any]:
+    """Score every model of the run so far on unlabelled target images; pick one; log it."""
+    with StageCost(log, f"round{k}/selection", device, iterations=1):
+        selection = select_after_round(
+            run_dir,
+            k,
+            start,
+            target,
+            lambda: build_model(cfg),
+            cfg.num_classes,
+            validator=cfg.select,
+            num_images=cfg.select_images,
+            device=device,
+        )
+    if is_main_process():
+        key = cfg.select if cfg.select != "last" else "ensemble_agreement"
+        log(
+            stage=f"round{k}",
+            event="selection",
+            validator=cfg.select,
+            picked=selection["picked"],
+            scores={r["name"]: r["scores"][key] for r in selection["candidates"]},
+        )
+        if cfg.select != "last":
+            print(f"round {k}: {cfg.select} picks {selection['picked']}", file=sys.stderr)
+    return selection
+
+
+def selected_model(
+    cfg: Config,
+    run_dir: Path,
+    selection: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    val: Any,
+    device: torch.device,
+    log: MetricsLog,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The picked model, loaded, and its scores (read from the run's results where it has them)."""
+    picked = selection["picked"]
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg).to(device)
+    load_checkpoint(model, selection["picked_path"])
+    stage = picked.removesuffix("/teacher")  # a round's teacher is that round's evaluated model
+    scores = results.get(stage) or stage_eval(cfg, run_dir, picked, model, val, device, log)
+    return model, {**scores, "picked": picked}
 
 
 def source_prior(cfg: Config, run_dir: Path, source: Dataset) -> torch.Tensor:

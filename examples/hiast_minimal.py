@@ -13,6 +13,10 @@ The algorithm (HIAST, Zhu et al., TPAMI 2025), round by round:
    the teacher on the unlabelled pixels;
 3. the next round's pseudo-labels come from this round's teacher.
 
+With ``--select VALIDATOR`` the adapted model is not simply the last teacher: the starting model
+and every round's teacher are scored on unlabelled target images by a label-free validator, and
+the best-scoring one is kept (no target label is read for the choice).
+
 No resume, logging, mixed precision or multi-GPU here: ``examples/hiast_full.py`` adds them (and
 the source-only and adversarial warm-up stages). The target folder uses the Cityscapes layout.
 """
@@ -20,7 +24,9 @@ the source-only and adversarial warm-up stages). The target folder uses the City
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> float:
     model.to(args.device)
     print(f"source model: mIoU {100 * evaluate(model, val, args):.1f}")
     labeller = model
+    candidates = {"start": copy.deepcopy(model)}
     for k in range(1, args.rounds + 1):
         round_dir = args.out / f"round{k}"
         # Step 1: pseudo-labels and statistics (PNGs and the public statistics files).
@@ -113,12 +120,32 @@ def main(argv: list[str] | None = None) -> float:
         )
         teacher = hiast_round(model, target, stats, round_dir, args, k)
         labeller = teacher.module  # step 3
+        candidates[f"round{k}"] = copy.deepcopy(teacher.module)
         miou = evaluate(teacher.module, val, args)
         print(f"round {k}: teacher mIoU {100 * miou:.1f}")
+    adapted = labeller
+    if args.select != "last":
+        adapted = select(candidates, target, args)
+        miou = evaluate(adapted, val, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(labeller.state_dict(), args.out / "adapted.pt")
+    torch.save(adapted.state_dict(), args.out / "adapted.pt")
     print(f"adapted model: {args.out / 'adapted.pt'}")
     return miou
+
+
+def select(candidates, target, args):
+    """The candidate the validator scores best on 100 evenly spaced target images (no labels)."""
+    idx = torch.linspace(0, len(target) - 1, min(100, len(target))).round().long().tolist()
+    images = [
+        torch.stack([target[i]["image"] for i in idx[j : j + 10]]) for j in range(0, len(idx), 10)
+    ]
+    images = [x.to(args.device) for x in images]
+    scores = ust.score_candidates(list(candidates.values()), images, args.num_classes)
+    name = list(candidates)[ust.select_candidate(scores, args.select)]
+    print(f"{args.select} picks {name}")
+    rows = [{"name": n, "scores": s} for n, s in zip(candidates, scores, strict=True)]
+    (args.out / "selection.json").write_text(json.dumps({"picked": name, "candidates": rows}))
+    return candidates[name]
 
 
 def target_pixels(target) -> int:
@@ -143,6 +170,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.999, help="EMA teacher momentum")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--select",
+        choices=["last", *ust.VALIDATORS],
+        default="last",
+        help="keep the last teacher, or the model a label-free validator scores best",
+    )
     args = p.parse_args(argv)
     args.crop = tuple(args.crop)
     return args

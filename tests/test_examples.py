@@ -370,10 +370,10 @@ def test_accelerator_code_paths_end_to_end(tiny_run, monkeypatch):
 def test_minimal_example_adapts_a_checkpoint(tiny_run, tmp_path):
     """hiast_minimal.py: the tiny run's warm-up model in, an adapted model out."""
     import hiast_minimal
+    import torch
 
-    out = tmp_path / "minimal"
-    miou = hiast_minimal.main(
-        [
+    def argv(out):
+        return [
             "--checkpoint",
             str(tiny_run / "a" / "warmup" / "model.pt"),
             "--target-root",
@@ -394,11 +394,94 @@ def test_minimal_example_adapts_a_checkpoint(tiny_run, tmp_path):
             "--num-hard",
             "10",
         ]
-    )
+
+    out = tmp_path / "minimal"
+    miou = hiast_minimal.main(argv(out))
     assert 0.0 <= miou <= 1.0
     assert (out / "adapted.pt").is_file()
     assert (out / "round2" / "stats" / "done.json").is_file()
+    # --select: the adapted model is the validator's pick among the start and the rounds' teachers.
+    out2 = tmp_path / "minimal_select"
+    hiast_minimal.main([*argv(out2), "--select", "ensemble_agreement"])
+    choice = json.loads((out2 / "selection.json").read_text())
+    assert [c["name"] for c in choice["candidates"]] == ["start", "round1", "round2"]
+    scores = [c["scores"] for c in choice["candidates"]]
+    assert (
+        choice["picked"]
+        == ["start", "round1", "round2"][
+            hiast_minimal.ust.select_candidate(scores, "ensemble_agreement")
+        ]
+    )
+    a = torch.load(out / "adapted.pt", weights_only=True)  # the last teacher, without --select
+    b = torch.load(out2 / "adapted.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a) == (choice["picked"] == "round2")
     assert len(list((out / "round1" / "pseudo").rglob("*.png"))) == 12
+
+
+def test_auto_selection_scores_every_model_and_keeps_training_identical(tiny_run):
+    """--select: every model of the run scored on unlabelled images after each round; the pick is
+    final.pt; --patience stops early; the rounds that do run train to identical weights."""
+    import torch
+
+    assert run(tiny_run, "sel", "--select", "mixval", "--select-images", "6") == 0
+    rd, ref = tiny_run / "sel", tiny_run / "a"
+    for name in ("round2/teacher.pt", "round1/student.pt"):
+        a = torch.load(rd / name, weights_only=True)
+        b = torch.load(ref / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    sel = json.loads((rd / "round2" / "selection.json").read_text())
+    names = [c["name"] for c in sel["candidates"]]
+    assert names == [
+        "source_only",
+        "warmup",
+        "round1/teacher",
+        "round1/student",
+        "round2/teacher",
+        "round2/student",
+    ]
+    assert all(set(c["scores"]) == set(_pipeline_utils.ust.VALIDATORS) for c in sel["candidates"])
+    best = names[
+        _pipeline_utils.ust.select_candidate([c["scores"] for c in sel["candidates"]], "mixval")
+    ]
+    results = json.loads((rd / "results.json").read_text())
+    assert results["selected"]["picked"] == best
+    picked = dict(zip(names, [c["path"] for c in sel["candidates"]], strict=True))[best]
+    final = torch.load(rd / "final.pt", weights_only=True)
+    want = torch.load(picked, weights_only=True)
+    assert all(torch.equal(final[k], want[k]) for k in want)
+    log = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["picked"] for r in log if r.get("event") == "selection"][-1] == best
+    # A rerun with another validator re-decides from the stored scores; nothing is retrained.
+    assert run(tiny_run, "sel", "--select", "entropy", "--select-images", "6") == 0
+    results = json.loads((rd / "results.json").read_text())
+    entropy_best = names[
+        _pipeline_utils.ust.select_candidate([c["scores"] for c in sel["candidates"]], "entropy")
+    ]
+    assert results["selected"]["picked"] == entropy_best
+    # Patience 1 with a validator that prefers an early model stops before round 2.
+    assert (
+        run(
+            tiny_run,
+            "stop",
+            "--select",
+            "ensemble_agreement",
+            "--patience",
+            "1",
+            "--select-images",
+            "6",
+        )
+        == 0
+    )
+    first = json.loads((tiny_run / "stop" / "round1" / "selection.json").read_text())
+    picked = _pipeline_utils.ust.select_candidate(
+        [c["scores"] for c in first["candidates"]], "ensemble_agreement"
+    )
+    stopped = not first["candidates"][picked]["name"].startswith("round1")  # an older model won
+    assert (tiny_run / "stop" / "round2" / "teacher.pt").is_file() != stopped
+    with pytest.raises(SystemExit, match="--select"):
+        run(tiny_run, "bad", "--patience", "1")
+    with pytest.raises(SystemExit, match="--select must be one of"):
+        run(tiny_run, "bad", "--select", "accuracy")
 
 
 def test_pseudo_labelling_killed_midway_resumes_to_identical_files(tiny_run, tmp_path, monkeypatch):
