@@ -119,6 +119,7 @@ class Config:
     source_weight: float = 0.0  # keep source CE (this weight) in every self-training step
     min_threshold: float = 0.0  # floor under the IAS thresholds
     rampup_iters: int = 0  # ramp the regularisation and consistency weights up over this many
+    collapse_guard: str = "off"  # off | keep | student: relabel a flagged class (_collapse_guard)
     # label-free model selection (examples/_model_selection.py)
     select: str = "last"  # "last": the last round's teacher; or a validator of ust.VALIDATORS
     select_images: int = 100  # target training images the validators score

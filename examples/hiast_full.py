@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _collapse_guard import GUARDS, guard_round
 from _model_selection import SELECT_CHOICES, rounds_since_pick, select_after_round
 from _pipeline_utils import (
     Amp,
@@ -469,6 +470,8 @@ def run_pipeline(
 ) -> dict[str, dict[str, Any]]:
     if cfg.select not in SELECT_CHOICES:
         raise SystemExit(f"--select must be one of {', '.join(SELECT_CHOICES)}, got {cfg.select!r}")
+    if cfg.collapse_guard not in GUARDS:
+        raise SystemExit(f"--collapse-guard must be one of {', '.join(GUARDS)}")
     if cfg.patience and cfg.select == "last":
         raise SystemExit("--patience needs a validator to judge the rounds: pass --select too")
     run_dir = Path(cfg.run_dir)
@@ -504,7 +507,9 @@ def run_pipeline(
         round_dir = run_dir / f"round{k}"
         round_dir.mkdir(exist_ok=True)
         stats = generate_pseudo_labels(cfg, round_dir, label_model, target, device, log)
-        diagnose_round(cfg, run_dir, k, stats, monitor, log)
+        vanishing = diagnose_round(cfg, run_dir, k, stats, monitor, log)
+        if cfg.collapse_guard != "off":
+            act_on_collapse(cfg, run_dir, k, vanishing, model, target, device, log)
         teacher = self_train(cfg, round_dir, k, model, target, source, stats, device, log)
         results[f"round{k}"] = stage_eval(
             cfg, run_dir, f"round{k}", teacher.module, val, device, log
@@ -607,7 +612,7 @@ def diagnose_round(
     stats: ClassStatistics,
     monitor: ust.CollapseMonitor,
     log: MetricsLog,
-) -> None:
+) -> list[int]:
     """Per-class pseudo-label shares against the source prior and the previous round; warns."""
     done = json.loads((run_dir / f"round{k}" / "stats" / "done.json").read_text())
     selected = int(stats.class_pixels.sum())
@@ -623,6 +628,39 @@ def diagnose_round(
         record = diag.to_dict()
         atomic_save_json(run_dir / f"round{k}" / "diagnostics.json", record)
         log(stage=f"round{k}", event="diagnostics", **record)
+    return list(diag.vanishing)
+
+
+def act_on_collapse(
+    cfg: Config,
+    run_dir: Path,
+    k: int,
+    vanishing: list[int],
+    student: nn.Module,
+    target: Any,
+    device: torch.device,
+    log: MetricsLog,
+) -> None:
+    """The collapse guard: the flagged classes get labels from another source (before training)."""
+    record = guard_round(
+        cfg.collapse_guard,
+        run_dir,
+        k,
+        vanishing,
+        unwrap_model(student),
+        target,
+        build_selector(cfg, device),
+        cfg.num_classes,
+        device=device,
+    )
+    barrier()  # every rank trains on the merged label files
+    if record["classes"] and is_main_process():
+        names = [class_names(cfg)[c] for c in record["classes"]]
+        print(
+            f"round {k}: collapse guard '{cfg.collapse_guard}' relabelled {', '.join(names)}",
+            file=sys.stderr,
+        )
+        log(stage=f"round{k}", event="collapse_guard", **record)
 
 
 def ablation(cfg: Config, device: torch.device) -> dict[str, dict[str, Any]]:

@@ -484,6 +484,62 @@ def test_auto_selection_scores_every_model_and_keeps_training_identical(tiny_run
         run(tiny_run, "bad", "--select", "accuracy")
 
 
+def test_merge_class_labels_moves_only_the_flagged_classes(tmp_path):
+    import numpy as np
+    from _collapse_guard import merge_class_labels, merge_round
+
+    from uda_selftrain.datasets.image_io import read_label, write_label
+
+    labels = np.array([[0, 255, 0, 2], [1, 1, 255, 255]], dtype=np.uint8)
+    other = np.array([[1, 1, 255, 1], [2, 255, 1, 3]], dtype=np.uint8)
+    assert merge_class_labels(labels, other, [1]).tolist() == [[1, 1, 0, 1], [1, 1, 1, 255]]
+    assert merge_class_labels(labels, other, []).tolist() == labels.tolist()
+    for name, arr in (("mine", labels), ("theirs", other)):
+        (tmp_path / name / "city").mkdir(parents=True)
+        write_label(tmp_path / name / "city" / "a.png", arr)
+    restored = merge_round(tmp_path / "mine", tmp_path / "theirs", [1, 3], 4)
+    assert restored == [0, 4, 0, 1]  # four pixels became 1, one became 3
+    assert read_label(tmp_path / "mine" / "city" / "a.png").tolist() == [
+        [1, 1, 0, 1],
+        [1, 1, 1, 3],
+    ]
+    assert merge_round(tmp_path / "mine", tmp_path / "theirs", [1, 3], 4) == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("guard", ["keep", "student"])
+def test_collapse_guard_relabels_a_flagged_class_before_training(tiny_run, monkeypatch, guard):
+    """Force the monitor to flag sky (10) in round 2: its pixels then come from round 1's labels
+    (keep) or the student's (student), and the other classes' labels are the teacher's."""
+    import numpy as np
+
+    from uda_selftrain.datasets.image_io import read_label
+
+    original = hiast_full.diagnose_round
+
+    def flag_sky(cfg, run_dir, k, stats, monitor, log):
+        return original(cfg, run_dir, k, stats, monitor, log) + ([10] if k == 2 else [])
+
+    monkeypatch.setattr(hiast_full, "diagnose_round", flag_sky)
+    assert run(tiny_run, f"guard_{guard}", "--collapse-guard", guard) == 0
+    rd = tiny_run / f"guard_{guard}"
+    record = json.loads((rd / "round2" / "guard.json").read_text())
+    assert 10 in record["classes"] and record["guard"] == guard
+    source = rd / ("round1/pseudo" if guard == "keep" else "round2/guard_student/pseudo")
+    teacher_labels = tiny_run / "a" / "round2" / "pseudo"  # the same round without the guard
+    moved = 0
+    for path in sorted(teacher_labels.rglob("*.png")):
+        rel = path.relative_to(teacher_labels)
+        before, after = read_label(path), read_label(rd / "round2" / "pseudo" / rel)
+        theirs = read_label(source / rel)
+        flagged = np.isin(theirs, record["classes"])
+        assert (after[flagged] == theirs[flagged]).all()
+        assert (after[~flagged] == before[~flagged]).all()
+        moved += int((after != before).sum())
+    assert moved == sum(record["restored_pixels"]) > 0
+    assert (rd / "round1" / "guard.json").is_file()  # round 1: nothing to compare with, no action
+    assert json.loads((rd / "round1" / "guard.json").read_text())["classes"] == []
+
+
 def test_pseudo_labelling_killed_midway_resumes_to_identical_files(tiny_run, tmp_path, monkeypatch):
     """The library's pseudo-labelling: a kill after a checkpoint, rerun → the same files."""
     import torch
