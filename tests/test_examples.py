@@ -484,6 +484,37 @@ def test_auto_selection_scores_every_model_and_keeps_training_identical(tiny_run
         run(tiny_run, "bad", "--select", "accuracy")
 
 
+def test_validator_benchmark_script(tiny_run, tmp_path):
+    """docs/results/validators.py on the tiny run: scores every candidate, true mIoU as the
+    pipeline's, the table's measures from them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "validators_bench", EXAMPLES.parent / "docs" / "results" / "validators.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "seed0").symlink_to(tiny_run / "a", target_is_directory=True)
+    out = tmp_path / "validators.md"
+    argv = ["--regime", "tiny", str(tmp_path / "runs"), "--seeds", "0", "--images", "6"]
+    assert bench.main([*argv, "--ct-values", "tiny", "5.0", "--out", str(out)]) == 0
+    data = json.loads((tiny_run / "a" / "validators.json").read_text())
+    rows = data["candidates"]
+    assert [r["name"] for r in rows][:3] == ["source_only", "warmup", "round1/teacher"]
+    for stage in ("source_only", "warmup", "round1", "round2"):
+        name = stage if not stage.startswith("round") else f"{stage}/teacher"
+        truth = json.loads((tiny_run / "a" / stage / "eval.json").read_text())["miou"]
+        assert next(r["miou"] for r in rows if r["name"] == name) == pytest.approx(truth)
+    best = max(r["miou"] for r in rows)
+    measures = bench.run_measures(rows, "round 1")
+    assert measures["regret"] == pytest.approx(100 * (best - rows[2]["miou"]))
+    text = out.read_text()
+    for policy in (*_pipeline_utils.ust.VALIDATORS, "last round", "round 1"):
+        assert f"| {policy} |" in text or f"| **{policy}** |" in text
+    assert "CT, last round (the documented per-seed values)" in text
+
+
 def test_merge_class_labels_moves_only_the_flagged_classes(tmp_path):
     import numpy as np
     from _collapse_guard import merge_class_labels, merge_round
