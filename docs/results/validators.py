@@ -43,7 +43,7 @@ from scipy.stats import kendalltau
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
 from _model_selection import image_batches, run_candidates
-from _pipeline_utils import Config, build_data, build_model
+from _pipeline_utils import Config, build_data, build_model, class_names
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_save_json
@@ -91,7 +91,7 @@ def score_seed(seed_dir: Path, images: int) -> dict[str, Any]:
     cache = seed_dir / "validators.json"
     if cache.is_file():
         data = json.loads(cache.read_text())
-        if data.get("images") == images:
+        if data.get("images") == images and "classes" in data["candidates"][0]:
             return data
     cfg = run_config(seed_dir)
     _, train, val, _ = build_data(cfg)
@@ -108,7 +108,15 @@ def score_seed(seed_dir: Path, images: int) -> dict[str, Any]:
     rows = []
     for name, model, s in zip(names, models, scores, strict=True):
         truth = true_scores(model, val, cfg)
-        rows.append({"name": name, "miou": truth["miou"], "iou": truth["iou"], "scores": s})
+        rows.append(
+            {
+                "name": name,
+                "miou": truth["miou"],
+                "iou": truth["iou"],
+                "classes": truth["classes"],
+                "scores": s,
+            }
+        )
     data = {"images": images, "scoring_seconds": scoring_s, "candidates": rows}
     atomic_save_json(cache, data)
     return data
@@ -153,6 +161,14 @@ def ms(values: list[float], digits: int = 1) -> str:
     if len(a) < 2:
         return f"{a.mean():.{digits}f}"
     return f"{a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}"
+
+
+def msd(values: list[float], digits: int = 1) -> str:
+    """Signed mean ± std of paired differences."""
+    a = np.asarray(values, dtype=float)
+    if len(a) < 2:
+        return f"{a.mean():+.{digits}f}"
+    return f"{a.mean():+.{digits}f} ± {a.std(ddof=1):.{digits}f}"
 
 
 def pct(values: list[float]) -> str:
@@ -202,7 +218,12 @@ def regime_section(
     for j, n in enumerate(names):
         vals = [100 * per_seed[s][j]["miou"] for s in seeds]
         lines.append(f"| {n} | {ms(vals)} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
-    lines += ["", goal_lines(per_seed, seeds, default, ct)]
+    lines += [
+        "",
+        goal_lines(per_seed, seeds, default, ct),
+        "",
+        alarm_lines(run_dir, per_seed, seeds),
+    ]
     return "\n".join(lines), table
 
 
@@ -232,7 +253,7 @@ def goal_lines(
 
     def diff(a: list[float], b: list[float]) -> str:
         d = [x - y for x, y in zip(a, b, strict=True)]
-        return ", ".join(f"{v:+.1f}" for v in d) + f"; {ms(d)}"
+        return ", ".join(f"{v:+.1f}" for v in d) + f"; {msd(d)}"
 
     lines = [
         f"Automatic selection by `{default}` in this regime (true mIoU, paired by seed):",
@@ -252,6 +273,71 @@ def goal_lines(
         "Classes the self-training start had at ≥ 10 IoU that the pick has at 0, per seed: "
         + ", ".join(str(n) for n in lost)
     )
+    return "\n".join(lines)
+
+
+def alarm_lines(run_dir: Path, per_seed: dict[int, list[dict[str, Any]]], seeds: list[int]) -> str:
+    """The collapse monitor's flags from round 2 on (where a guard acts), against what the class
+    then did in this run (without a guard): fell, held or rose (a false alarm), or was already 0."""
+    fell = held = zero = 0
+    for s in seeds:
+        iou = {r["name"]: r["iou"] for r in per_seed[s]}
+        for path in sorted((run_dir / f"seed{s}").glob("round*/diagnostics.json")):
+            k = int(path.parent.name[len("round") :])
+            if k < 2 or f"round{k}/teacher" not in iou:
+                continue
+            for c in json.loads(path.read_text())["vanishing"]:
+                before, after = iou[f"round{k - 1}/teacher"][c], iou[f"round{k}/teacher"][c]
+                if before == 0 and after == 0:
+                    zero += 1
+                elif after >= before:
+                    held += 1
+                else:
+                    fell += 1
+    total = fell + held + zero
+    if total == 0:
+        return "The collapse monitor flagged no class from round 2 on (a guard would not act)."
+    return (
+        f"Collapse flags from round 2 on (where a guard acts), over {len(seeds)} seeds: {total}; "
+        f"the class's IoU then fell in {fell}, held or rose in {held} (false alarms), and was "
+        f"already 0 before and after in {zero}."
+    )
+
+
+def paired_lines(
+    base: str,
+    variant: str,
+    runs: dict[str, dict[int, list[dict[str, Any]]]],
+    seeds: list[int],
+    default: str,
+    names: list[str],
+) -> str:
+    """A variant against its base regime, paired by seed: last round and auto pick, per class."""
+    lines = [
+        f"### {variant} − {base} (paired by seed)",
+        "",
+        "| model | " + base + " | " + variant + " | difference per seed; mean ± std |",
+        "|---|---|---|---|",
+    ]
+    per_class = {}
+    for policy in ("last round", default):
+        a = [runs[base][s][pick(runs[base][s], policy)] for s in seeds]
+        b = [runs[variant][s][pick(runs[variant][s], policy)] for s in seeds]
+        ma, mb = [100 * r["miou"] for r in a], [100 * r["miou"] for r in b]
+        d = [y - x for x, y in zip(ma, mb, strict=True)]
+        lines.append(
+            f"| {policy} | {ms(ma)} | {ms(mb)} | "
+            + ", ".join(f"{v:+.1f}" for v in d)
+            + f"; {msd(d)} |"
+        )
+        per_class[policy] = (a, b)
+    a, b = per_class["last round"]
+    lines += ["", "Last round, per class (IoU %):", ""]
+    lines.append("| run | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for label, rows in ((base, a), (variant, b)):
+        cells = [ms([100 * r["iou"][c] for r in rows]) for c in range(len(names))]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -288,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME MIOU",
         help="a regime's CT final mIoU per seed (in %%), when its CT run folder is not at hand",
     )
+    parser.add_argument(
+        "--paired",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("BASE", "VARIANT"),
+        help="also compare two regimes' runs seed by seed (e.g. a guard against no guard)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--images", type=int, default=100, help="target training images scored")
     parser.add_argument("--default", default="ensemble_agreement", choices=sorted(ust.VALIDATORS))
@@ -306,6 +400,18 @@ def main(argv: list[str] | None = None) -> int:
         text, tables[name] = regime_section(name, run, ct, args.seeds, args.images, args.default)
         sections.append(text + f"\n\n(scored in {time.perf_counter() - t0:.0f} s)")
         print(sections[-1], file=sys.stderr)
+    runs = {
+        spec[0]: {
+            s: score_seed(Path(spec[1]) / f"seed{s}", args.images)["candidates"] for s in args.seeds
+        }
+        for spec in args.regime
+    }
+    for base, variant in args.paired:
+        cfg = run_config(
+            Path(next(sp[1] for sp in args.regime if sp[0] == base)) / f"seed{args.seeds[0]}"
+        )
+        names = [class_names(cfg)[c] for c in runs[base][args.seeds[0]][0]["classes"]]
+        sections.append(paired_lines(base, variant, runs, args.seeds, args.default, names))
     report = "\n\n".join(
         [
             "## Summary (mean ± std over seeds; τ, regret in mIoU points, shares of runs)",
