@@ -137,6 +137,7 @@ class Config:
     checkpoint_every: int = 200
     init_source: str = ""  # skip source-only, start the warm-up from this checkpoint
     init_warmup: str = ""  # skip source-only and warm-up, start round 1 from this checkpoint
+    backbone_weights: str = ""  # initial trunk weights for source-only training (ImageNet/COCO)
     absent_classes: tuple[int, ...] = field(default_factory=tuple)
     label_map: str = ""  # "things": merge the synthetic city's stuff classes into one background
     oracle: bool = False  # synthetic only: train "source-only" on the labelled target train split

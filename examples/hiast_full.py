@@ -11,7 +11,15 @@ pseudo-labels with the instance adaptive selector (PNGs + statistics files) → 
 target with hard-aware copy-paste, weak/strong views, the HIAST loss and an EMA teacher →
 evaluation. Every stage writes into ``--run-dir``; rerunning the same command resumes from the last
 completed step, and a different configuration on an existing run folder is refused. ``--init-*``
-start a stage from a given checkpoint (e.g. the public warm-up file) and skip what precedes it.
+start a stage from a given checkpoint (e.g. the public warm-up file) and skip what precedes it;
+``--backbone-weights FILE`` starts source-only training with the trunk from torchvision's ImageNet
+``resnet101`` file, the MS-COCO DeepLab-v2 initialisation the public pipelines use, or a checkpoint
+of ours.
+
+Model selection without target labels: ``--select VALIDATOR`` scores every model of the run on
+unlabelled target images after each round and keeps the best as ``final.pt`` (``--patience N``
+stops early); ``--collapse-guard keep|student`` relabels a class the diagnostics flag as vanishing
+before a round trains on it (see docs/components/validators.md and docs/components/diagnostics.md).
 
 Ablations from the command line: ``--selector {ias,constant,argmax,cbst}``, ``--no-hpla``,
 ``--no-regularisation``, ``--no-consistency``; ``--ablation`` runs the whole table (CT, +IAS,
@@ -79,6 +87,7 @@ from uda_selftrain.distributed import (
 from uda_selftrain.mixing import ClassStatistics, DonorSampler, paste_views
 from uda_selftrain.models import (
     FCDiscriminator,
+    load_backbone,
     load_checkpoint,
 )
 from uda_selftrain.teacher import unwrap_model
@@ -489,6 +498,14 @@ def run_pipeline(
             report = load_checkpoint(model, cfg.init_source)
             log(stage="source_only", event="init", path=cfg.init_source, unused=report.unused)
         else:
+            if cfg.backbone_weights:  # ImageNet / MS-COCO DeepLab / our checkpoint: the trunk only
+                report = load_backbone(model, cfg.backbone_weights)
+                log(
+                    stage="source_only",
+                    event="init_backbone",
+                    path=cfg.backbone_weights,
+                    unused=report.unused,
+                )
             train_source(
                 cfg, run_dir / "source_only", model, source, None, device, log, adversarial=False
             )

@@ -515,6 +515,31 @@ def test_validator_benchmark_script(tiny_run, tmp_path):
     assert "CT, last round (the documented per-seed values)" in text
 
 
+def test_backbone_weights_start_source_training(tiny_run):
+    """--backbone-weights: source-only training starts from the file's trunk (our checkpoint
+    here; the ImageNet and MS-COCO layouts are tested in test_models); a damaged file is named."""
+    import torch
+
+    final = tiny_run / "a" / "final.pt"
+    short = ["--source-iters", "1", "--warmup-iters", "0", "--rounds", "0"]
+    assert run(tiny_run, "bb", "--backbone-weights", str(final), *short) == 0
+    log = [
+        json.loads(line) for line in (tiny_run / "bb" / "metrics.jsonl").read_text().splitlines()
+    ]
+    init = next(r for r in log if r.get("event") == "init_backbone")
+    assert init["path"] == str(final) and all(k.startswith("aspp.") for k in init["unused"])
+    # One step of Adam at the source learning rate moves the trunk only a little from the file's.
+    trained = torch.load(tiny_run / "bb" / "source_only" / "model.pt", weights_only=True)
+    start = torch.load(final, weights_only=True)
+    w = "backbone.layer4.0.conv2.weight"
+    scratch = torch.load(tiny_run / "a" / "source_only" / "model.pt", weights_only=True)
+    assert (trained[w] - start[w]).abs().max() < (scratch[w] - start[w]).abs().max()
+    bad = tiny_run / "damaged.pt"
+    bad.write_bytes(final.read_bytes()[:64])
+    with pytest.raises(ValueError, match="damaged"):
+        run(tiny_run, "bb2", "--backbone-weights", str(bad), *short)
+
+
 def test_merge_class_labels_moves_only_the_flagged_classes(tmp_path):
     import numpy as np
     from _collapse_guard import merge_class_labels, merge_round

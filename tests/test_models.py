@@ -13,6 +13,7 @@ from uda_selftrain.models import (
     convert_state_dict,
     deeplabv2_resnet101,
     deeplabv2_small,
+    load_backbone,
     load_checkpoint,
 )
 
@@ -87,6 +88,92 @@ def test_torchvision_imagenet_layout_loads_backbone_only(official_state):
     assert all(k.startswith("aspp.") for k in report.missing) and len(report.missing) == 8
     assert torch.equal(model.aspp.conv2d_list[0].weight, head)
     assert convert_state_dict({"conv1.weight": 1}) == {"backbone.conv1.weight": 1}
+
+
+def _backbone_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trunk of the golden public checkpoint, keyed as a bare torchvision ResNet."""
+    return {
+        k.removeprefix("module.seg_model.backbone."): v
+        for k, v in state.items()
+        if ".backbone." in k
+    }
+
+
+def _assert_backbone_equals(model, bare: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    for k, v in bare.items():
+        if not k.endswith("num_batches_tracked") and not k.startswith("fc."):
+            assert torch.equal(own["backbone." + k], v), k
+
+
+def test_initial_weights_torchvision_imagenet_file(official_state):
+    """torchvision's resnet101 file (older files have no num_batches_tracked) into a 9-class model."""
+    tv = {k: v for k, v in _backbone_of(official_state).items() if "num_batches" not in k}
+    tv["fc.weight"], tv["fc.bias"] = torch.randn(1000, 2048), torch.randn(1000)
+    model = deeplabv2_resnet101(9)
+    head = model.aspp.conv2d_list[0].weight.clone()
+    report = load_backbone(model, tv)
+    assert report.unused == ["backbone.fc.bias", "backbone.fc.weight"]
+    assert all(k.endswith("num_batches_tracked") for k in report.missing)
+    _assert_backbone_equals(model, tv)
+    assert torch.equal(model.aspp.conv2d_list[0].weight, head)
+
+
+def test_initial_weights_torchvision_model_gives_the_same_features():
+    torchvision = pytest.importorskip("torchvision")
+    tv = torchvision.models.resnet101(weights=None).eval()
+    model = deeplabv2_resnet101(19).eval()
+    load_backbone(model, tv.state_dict())
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))
+        trunk = model.backbone
+        ours = trunk.layer2(trunk.layer1(trunk.maxpool(trunk.relu(trunk.bn1(trunk.conv1(x))))))
+    torch.testing.assert_close(ours, ref)  # layers 3-4 are dilated here, strided in torchvision
+
+
+def test_initial_weights_mscoco_deeplab_init_file(tmp_path, official_state):
+    """The MS-COCO DeepLab-v2 init file of AdaptSegNet / IAST / HIAST: ``Scale.`` + a ResNet-101
+    without num_batches_tracked, and a COCO classifier ``Scale.layer5.conv2d_list.{0..3}``."""
+    bare = {k: v for k, v in _backbone_of(official_state).items() if "num_batches" not in k}
+    coco = {"Scale." + k: v for k, v in bare.items()}
+    for i in range(4):
+        coco[f"Scale.layer5.conv2d_list.{i}.weight"] = torch.randn(21, 2048, 3, 3) * 0.01
+        coco[f"Scale.layer5.conv2d_list.{i}.bias"] = torch.zeros(21)
+    path = tmp_path / "DeepLab_resnet_pretrained_init-f81d91e8.pth"
+    torch.save(coco, path)
+    model = deeplabv2_resnet101(19)
+    report = load_backbone(model, path)
+    assert report.unused == sorted(
+        f"layer5.conv2d_list.{i}.{p}" for i in range(4) for p in ("bias", "weight")
+    )
+    _assert_backbone_equals(model, bare)
+    assert len(report.loaded) == len(bare)
+    # The whole-model loader takes it too, as a backbone (no aspp keys in the file).
+    report = load_checkpoint(deeplabv2_resnet101(19), path)
+    assert len(report.loaded) == len(bare)
+
+
+def test_initial_weights_from_our_checkpoint_and_errors(tmp_path):
+    src = deeplabv2_small(19, width=8)
+    path = tmp_path / "model.pt"
+    torch.save(src.state_dict(), path)
+    dst = deeplabv2_small(12, width=8)  # another number of classes: only the trunk is read
+    report = load_backbone(dst, path)
+    assert all(k.startswith("aspp.") for k in report.unused) and report.missing == []
+    for k, v in src.state_dict().items():
+        if k.startswith("backbone."):
+            assert torch.equal(dst.state_dict()[k], v), k
+    with pytest.raises(KeyError, match="backbone keys"):
+        load_backbone(dst, {"aspp.conv2d_list.0.bias": torch.zeros(12)})
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_backbone(deeplabv2_small(19, width=16), path)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"damaged\.pt"):
+        load_backbone(dst, damaged)
+    with pytest.raises(ValueError, match=r"damaged\.pt"):
+        load_checkpoint(dst, damaged)
 
 
 def test_bn_modes():

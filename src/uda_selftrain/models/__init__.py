@@ -1,7 +1,7 @@
 """Models: DeepLabV2 (ResNet-101 and a CPU-sized variant), the AdaptSegNet discriminator, and
-checkpoint import (public HIAST files, torchvision ImageNet weights)."""
+checkpoint import (public HIAST files, torchvision ImageNet and MS-COCO DeepLab initial weights)."""
 
-from .checkpoint import LoadReport, convert_state_dict, load_checkpoint
+from .checkpoint import LoadReport, convert_state_dict, load_backbone, load_checkpoint
 from .deeplab import ASPP, DeepLabV2, ResNet, deeplabv2_resnet101, deeplabv2_small
 from .discriminator import FCDiscriminator
 
@@ -14,5 +14,6 @@ __all__ = [
     "convert_state_dict",
     "deeplabv2_resnet101",
     "deeplabv2_small",
+    "load_backbone",
     "load_checkpoint",
 ]
