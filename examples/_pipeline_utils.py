@@ -888,6 +888,8 @@ def finish_stage(stage_dir: Path) -> None:
 
 def resume_finished_stage(stage_dir: Path) -> None:
     """Skipping a finished stage: continue from the RNG state it ended with, as if it had run."""
+    if is_main_process():
+        print(f"{stage_dir}: finished earlier, reusing it", file=sys.stderr)
     path = stage_dir / "rng.pt"
     if path.is_file():
         set_rng_state(torch.load(path, weights_only=False))
@@ -975,6 +977,12 @@ class StageRun:
         if self.state:
             set_rng_state(self.state["rng"])
             self.log.forget_after(self.name, self.start)
+            if is_main_process():
+                print(
+                    f"{self.name}: resuming at iteration {self.start} of {self.total} "
+                    f"from {self.ckpt}",
+                    file=sys.stderr,
+                )
         self.bar = progress(
             total=self.total, initial=self.start, desc=self.name, quiet=self.cfg.quiet
         )

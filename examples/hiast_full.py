@@ -34,6 +34,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -475,8 +476,14 @@ def stage_eval(
 
 
 def run_pipeline(
-    cfg: Config, device: torch.device, *, shared_warmup: Path | None = None
+    cfg: Config,
+    device: torch.device,
+    *,
+    shared_warmup: Path | None = None,
+    max_rounds: int | None = None,
 ) -> dict[str, dict[str, Any]]:
+    """The stages of one run; ``max_rounds`` stops earlier without changing the run's
+    configuration (the ablation's shared stages), and then writes no final model or report."""
     if cfg.select not in SELECT_CHOICES:
         raise SystemExit(f"--select must be one of {', '.join(SELECT_CHOICES)}, got {cfg.select!r}")
     if cfg.collapse_guard not in GUARDS:
@@ -520,7 +527,8 @@ def run_pipeline(
     label_model: nn.Module = model
     monitor = ust.CollapseMonitor(source_prior(cfg, run_dir, source), class_names=class_names(cfg))
     selection: dict[str, Any] = {}
-    for k in range(1, cfg.rounds + 1):
+    rounds = cfg.rounds if max_rounds is None else min(max_rounds, cfg.rounds)
+    for k in range(1, rounds + 1):
         round_dir = run_dir / f"round{k}"
         round_dir.mkdir(exist_ok=True)
         stats = generate_pseudo_labels(cfg, round_dir, label_model, target, device, log)
@@ -547,7 +555,7 @@ def run_pipeline(
         final, results["selected"] = selected_model(
             cfg, run_dir, selection, results, val, device, log
         )
-    if is_main_process():
+    if is_main_process() and rounds == cfg.rounds:
         atomic_torch_save(run_dir / "final.pt", final.state_dict())
         write_report(run_dir, results, cfg)
     return results
@@ -638,9 +646,17 @@ def diagnose_round(
     pasted = None
     if pasted_path.is_file():
         pasted = torch.tensor(json.loads(pasted_path.read_text()), dtype=torch.float64)
-    diag = monitor.update(
-        stats.class_pixels, total_pixels=total, thresholds=stats.thresholds, pasted_pixels=pasted
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ust.CollapseWarning)
+        diag = monitor.update(
+            stats.class_pixels,
+            total_pixels=total,
+            thresholds=stats.thresholds,
+            pasted_pixels=pasted,
+        )
+    for w in caught:  # point at the run's file, not at the library line that noticed it
+        path = run_dir / f"round{k}" / "diagnostics.json"
+        warnings.warn_explicit(w.message, w.category, str(path), 0)
     if is_main_process():
         record = diag.to_dict()
         atomic_save_json(run_dir / f"round{k}" / "diagnostics.json", record)
@@ -686,7 +702,9 @@ def ablation(cfg: Config, device: torch.device) -> dict[str, dict[str, Any]]:
     Returns the scores of the source-only and warm-up models and each variant's final model.
     """
     base = Path(cfg.run_dir)
-    main = run_pipeline(dataclasses.replace(cfg, rounds=0), device)
+    # The shared stages run under the run folder's own configuration (rounds included), so that
+    # the default run and the ablation share one folder in either order.
+    main = run_pipeline(cfg, device, max_rounds=0)
     warm = base / "warmup" / "model.pt"
     variants = [
         (

@@ -540,6 +540,24 @@ def test_backbone_weights_start_source_training(tiny_run):
         run(tiny_run, "bb2", "--backbone-weights", str(bad), *short)
 
 
+def test_getting_started_sequence_shares_one_run_folder(tiny_run, capsys):
+    """The default run, then --ablation in the same folder (it reuses the source-only and
+    warm-up stages and leaves the run's final model alone), then a rerun that says it resumes."""
+    import torch
+
+    rd = tiny_run / "a"
+    before = torch.load(rd / "final.pt", weights_only=True)
+    capsys.readouterr()
+    assert run(tiny_run, "a", "--ablation") == 0
+    err = capsys.readouterr().err
+    assert f"{rd / 'source_only'}: finished earlier" in err
+    assert f"{rd / 'warmup'}: finished earlier" in err
+    after = torch.load(rd / "final.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (rd / "ablation.md").is_file() and (rd / "ablation" / "ct" / "final.pt").is_file()
+    assert run(tiny_run, "a") == 0  # the default command again: still the same folder
+
+
 def test_merge_class_labels_moves_only_the_flagged_classes(tmp_path):
     import numpy as np
     from _collapse_guard import merge_class_labels, merge_round
