@@ -596,6 +596,71 @@ MORE_CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
 CASES += MORE_CASES
 
 
+class _Unnamed(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return {"image": torch.zeros(3, 4, 4, dtype=torch.uint8)}
+
+
+#: Inputs that used to be accepted silently (a wrong result, or an error from deep inside torch).
+SILENT_BEFORE = [
+    (
+        "ConfusionMatrix.update",
+        lambda: ust.ConfusionMatrix(19).update(
+            torch.zeros(1, 2, dtype=torch.long), torch.tensor([[3, 25]])
+        ),
+        ValueError,
+        "target has value 25",
+    ),
+    (
+        "confusion_matrix",
+        lambda: ust.confusion_matrix(torch.zeros(2, dtype=torch.long), torch.tensor([0, -1]), 3),
+        ValueError,
+        "target has value -1",
+    ),
+    (
+        "miou",
+        lambda: ust.miou(torch.eye(3, dtype=torch.long), classes=(0, 5)),
+        ValueError,
+        "classes",
+    ),
+    ("miou", lambda: ust.miou(torch.eye(3, dtype=torch.long), classes=()), ValueError, "classes"),
+    (
+        "select_with_thresholds",
+        lambda: ust.select_with_thresholds(
+            torch.tensor([[[NAN, 0.5]]]), torch.tensor([[[0, 1]]]), torch.tensor([0.9, 0.6])
+        ),
+        ValueError,
+        "confidence",
+    ),
+    (
+        "pseudo_label_diagnostics",
+        lambda: ust.pseudo_label_diagnostics(
+            torch.tensor([10, 1]), torch.tensor([900.0, 100.0]), total_pixels=20
+        ),
+        ValueError,
+        "prior must be class frequencies",
+    ),
+    (
+        "CollapseMonitor",
+        lambda: ust.CollapseMonitor(torch.tensor([900.0, 100.0])),
+        ValueError,
+        "divide raw pixel counts",
+    ),
+    (
+        "generate_pseudo_labels",
+        lambda: ust.generate_pseudo_labels(
+            nn.Conv2d(3, 2, 1), _Unnamed(), ust.ArgmaxSelector(2), Path("/nonexistent-unused")
+        ),
+        ValueError,
+        "has no 'name'",
+    ),
+]
+CASES += SILENT_BEFORE
+
+
 @pytest.mark.parametrize(
     ("name", "call", "error", "word"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 )

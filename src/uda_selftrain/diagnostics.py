@@ -164,6 +164,17 @@ class PseudoLabelDiagnostics:
         }
 
 
+def _check_prior(prior: torch.Tensor) -> torch.Tensor:
+    """A prior is a distribution: raw pixel counts would make every class look vanishing."""
+    total = float(prior.sum())
+    if bool((prior < 0).any()) or not math.isclose(total, 1.0, abs_tol=1e-3):
+        raise ValueError(
+            f"prior must be class frequencies summing to 1 (class_prior), got a sum of {total:g}; "
+            "divide raw pixel counts by their total"
+        )
+    return prior
+
+
 def _vector(name: str, x: object, c: int | None) -> torch.Tensor:
     t = check_tensor(name, x)
     if t.dim() != 1 or (c is not None and t.shape[0] != c):
@@ -218,7 +229,7 @@ def pseudo_label_diagnostics(
     """
     pix = _vector("class_pixels", class_pixels, None)
     c = pix.shape[0]
-    p = _vector("prior", prior, c)
+    p = _check_prior(_vector("prior", prior, c))
     if isinstance(total_pixels, bool) or not isinstance(total_pixels, int) or total_pixels < 0:
         raise ValueError(f"total_pixels must be a non-negative int, got {total_pixels!r}")
     if pix.sum() > total_pixels:
@@ -288,7 +299,7 @@ class CollapseMonitor:
         drop_ratio: float = 0.25,
         min_prior: float = 1e-4,
     ) -> None:
-        self.prior = _vector("prior", prior, None)
+        self.prior = _check_prior(_vector("prior", prior, None))
         self.class_names = list(class_names)
         self.vanish_ratio = vanish_ratio
         self.drop_ratio = drop_ratio

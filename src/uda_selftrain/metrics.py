@@ -88,7 +88,8 @@ def confusion_matrix(
 ) -> torch.Tensor:
     """Confusion matrix, rows = ground truth, columns = prediction.
 
-    Pixels whose target is ``ignore_index`` (or outside ``[0, C)``) are skipped. A prediction
+    Pixels whose target is ``ignore_index`` are skipped; another target outside ``[0, C)`` is a
+    ``ValueError`` while value checks are on (skipped with them off). A prediction
     outside ``[0, C)`` (e.g. an unselected pseudo-label, 255) is never clamped into a class:
 
     * ``out_of_range="error"`` (default): ``ValueError`` naming the value (a host sync, while value
@@ -128,6 +129,12 @@ def confusion_matrix(
     t = t.reshape(-1).long()
     p = p.reshape(-1).long()
     valid = (t >= 0) & (t < c) & (t != ignore_index)
+    if value_checks_enabled() and t.numel() and bool(((t != ignore_index) & ~valid).any()):
+        bad = t[(t != ignore_index) & ~valid][0]
+        raise ValueError(
+            f"target has value {int(bad)} outside [0, {c}) that is not the ignore index "
+            f"{ignore_index} (map the labels to train ids first)"
+        )
     # One extra column collects the out-of-range predictions; one extra bin the skipped pixels.
     cols = c + 1
     size = c * cols
@@ -188,7 +195,18 @@ def miou(confusion: torch.Tensor, classes: tuple[int, ...] | None = None) -> tor
     """
     iou = torch.nan_to_num(iou_from_confusion(confusion), nan=0.0)
     if classes is not None:
-        iou = iou[list(classes)]
+        chosen = list(classes)
+        bad = [
+            k
+            for k in chosen
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(iou)
+        ]
+        if bad or not chosen:
+            raise ValueError(
+                f"classes must be a non-empty sequence of class indices in [0, {len(iou)}), "
+                f"got {classes!r}"
+            )
+        iou = iou[chosen]
     return iou.mean()
 
 

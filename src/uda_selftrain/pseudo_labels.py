@@ -175,6 +175,12 @@ def generate_pseudo_labels(
 
     def probabilities(step: int) -> tuple[list[dict[str, Any]], torch.Tensor]:
         items = _items(dataset, indices(step))
+        unnamed = [i for i, item in zip(indices(step), items, strict=True) if "name" not in item]
+        if unnamed:
+            raise ValueError(
+                f"dataset item {unnamed[0]} has no 'name': the pseudo-label files are named "
+                "after it (readers of uda_selftrain.datasets provide one)"
+            )
         if not items:
             return items, torch.empty(0, num_classes, 1, 1, device=dev)
         images = torch.stack([item["image"] for item in items]).to(dev)

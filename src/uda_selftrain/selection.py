@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._checks import (
+    check_finite,
     check_float,
     check_positive_int,
     check_tensor,
@@ -245,6 +246,7 @@ def select_with_thresholds(
     tensor([[[  0, 255]]])
     """
     conf = check_float("confidence", confidence)
+    check_finite("confidence", conf)  # a NaN confidence would silently drop its pixel
     th = _check_thresholds(thresholds)
     _check_prediction("prediction", prediction, conf.shape, th.shape[0], conf.device)
     if th.device != conf.device:
