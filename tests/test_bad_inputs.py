@@ -658,6 +658,59 @@ SILENT_BEFORE = [
         "has no 'name'",
     ),
 ]
+SILENT_BEFORE += [
+    (
+        "hard_paste",
+        lambda: ust.hard_paste(
+            torch.rand(1, 3, 4, 4),
+            torch.full((1, 4, 4), 5),
+            torch.rand(1, 1, 3, 4, 4),
+            torch.full((1, 1, 4, 4), 1),
+            torch.tensor([True, False, True]),
+        ),
+        ValueError,
+        "labels has value 5 outside the hard mask",
+    ),
+    (
+        "hard_paste",
+        lambda: ust.hard_paste(
+            torch.rand(1, 3, 4, 4),
+            torch.full((1, 4, 4), 1),
+            torch.rand(1, 1, 3, 4, 4),
+            torch.full((1, 1, 4, 4), 7, dtype=torch.uint8),
+            torch.tensor([True, False, True]),
+        ),
+        ValueError,
+        "donor_labels has value 7",
+    ),
+    (
+        "masked_consistency_loss",
+        lambda: ust.masked_consistency_loss(
+            torch.zeros(0, 3, 4, 4), torch.zeros(0, 4, 4, dtype=torch.long)
+        ),
+        ValueError,
+        "empty batch",
+    ),
+    (
+        "downscale_labels",
+        lambda: ust.downscale_labels(
+            torch.zeros(0, 8, 8, dtype=torch.long), (2, 2), num_classes=19
+        ),
+        ValueError,
+        "empty batch",
+    ),
+    (
+        "thing_feature_distance",
+        lambda: ust.thing_feature_distance(
+            torch.zeros(0, 4, 2, 2),
+            torch.zeros(0, 4, 2, 2),
+            torch.zeros(0, 8, 8, dtype=torch.long),
+            num_classes=19,
+        ),
+        ValueError,
+        "empty batch",
+    ),
+]
 CASES += SILENT_BEFORE
 
 

@@ -82,6 +82,8 @@ def downscale_labels(
         raise ValueError(f"labels must be a tensor of shape (N, H, W), got {got}")
     y = check_labels("labels", labels, tuple(labels.shape), num_classes, ignore_index)
     n, hh, ww = y.shape
+    if n == 0:
+        raise ValueError("labels must hold at least one label map (N >= 1), got an empty batch")
     if not (isinstance(size, (tuple, list, torch.Size)) and len(size) == 2):
         raise ValueError(f"size must be a pair (h, w), got {size!r}")
     h, w = int(size[0]), int(size[1])
@@ -159,6 +161,8 @@ def thing_feature_distance(
     """
     f = check_float("features", features, ndim=4, shape_hint="(N, D, h, w)")
     g = check_float("frozen_features", frozen_features, ndim=4, shape_hint="(N, D, h, w)")
+    if f.shape[0] == 0:
+        raise ValueError("features must hold at least one image (N >= 1), got an empty batch")
     if g.shape != f.shape:
         raise ValueError(
             f"frozen_features must have the features' shape {tuple(f.shape)}, got {tuple(g.shape)}"

@@ -242,6 +242,8 @@ def masked_consistency_loss(
     """
     x = check_float("logits", logits, ndim=4, shape_hint="(N, C, H, W)")
     n, c, h, w = x.shape
+    if n == 0:  # the mean over no pixels would be NaN and poison the total loss
+        raise ValueError("logits must hold at least one image (N >= 1), got an empty batch")
     y = check_labels("pseudo_labels", pseudo_labels, (n, h, w), c, ignore_index)
     check_finite("logits", x)
     q = _check_quality(weight, n, (h, w))

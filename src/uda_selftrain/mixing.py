@@ -633,11 +633,17 @@ def hard_paste(
     # Lookup table over every possible label value: hard classes true, the rest (ignore) false.
     lut = torch.zeros(max(hm.shape[0], ignore_index + 1, 256), dtype=torch.bool, device=img.device)
     lut[: hm.shape[0]] = hm.to(img.device)
-    # uint8 labels always index the table; wider ones are range-checked (one host sync).
-    if value_checks_enabled() and dlab.numel() and dlab.dtype != torch.uint8:
-        lo, hi = int(dlab.min()), int(dlab.max())
-        if lo < 0 or hi >= len(lut):
-            raise ValueError(f"donor_labels must lie in [0, {len(lut)}), got [{lo}, {hi}]")
+    # Labels of classes the hard mask does not cover would paste (or keep) a class the model
+    # does not have: every label must be a class of the mask or the ignore index (one host sync).
+    if value_checks_enabled():
+        c = hm.shape[0]
+        for name, t in (("labels", lab), ("donor_labels", dlab)):
+            bad = (t != ignore_index) & ((t < 0) | (t >= c))
+            if t.numel() and bool(bad.any()):
+                raise ValueError(
+                    f"{name} has value {int(t[bad].flatten()[0])} outside the hard mask's "
+                    f"{c} classes that is not the ignore index {ignore_index}"
+                )
     out_img, out_lab = img, lab
     pasted = torch.full((n, h, w), ignore_index, dtype=lab.dtype, device=img.device)
     for k in range(d):
