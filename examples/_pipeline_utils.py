@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -291,6 +290,29 @@ def build_data(cfg: Config) -> tuple[Dataset, Any, Any, tuple[str, ...]]:
     return source, train, val, CITYSCAPES_CLASSES
 
 
+SYNTHETIC_PRESETS = ("synthetic", "large", "tiny", "things")
+
+
+def build_val(cfg: Config) -> Dataset:
+    """The labelled target validation split of a preset, alone (no source folder needed)."""
+    if cfg.preset in SYNTHETIC_PRESETS:
+        root = Path(cfg.data_dir)
+        if is_main_process():
+            synthetic.generate(
+                root, synthetic.PRESETS[cfg.synthetic_preset], progress=not cfg.quiet
+            )
+        barrier()
+        val: Dataset = Cityscapes(root / "target", "val")
+        if cfg.label_map == "things":
+            return MappedLabels(val, lookup_table(THINGS_MAP))
+        return val
+    if not cfg.target_root:
+        raise SystemExit(f"--preset {cfg.preset} needs --target-root")
+    if cfg.preset == "cityscapes_oxford":
+        return OxfordRobotCar(cfg.target_root, "val")
+    return Cityscapes(cfg.target_root, "val")
+
+
 def loader(dataset: Dataset, sampler: Any, cfg: Config) -> DataLoader:
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.workers, persistent_workers=False
@@ -385,7 +407,6 @@ def source_batch(batch: dict[str, Any], cfg: Config, device: torch.device, gen: 
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     val: Any,
@@ -396,40 +417,37 @@ def evaluate(
     save_predictions: Path | None = None,
     max_saved: int = 4,
 ) -> dict[str, Any]:
-    """mIoU on the labelled target set (logits upsampled to the label size), reduced over ranks."""
-    model = unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    cm = ust.ConfusionMatrix(cfg.num_classes)
-    idx = list(range(rank(), len(val), world_size()))
-    bar = progress(total=len(idx), desc=desc, quiet=cfg.quiet)
-    saved = 0
-    for i in idx:
-        item = val[i]
-        image = item["image"].unsqueeze(0)
-        x = image
-        if cfg.target_size is not None and tuple(image.shape[-2:]) != tuple(cfg.target_size):
-            x = F.interpolate(
-                image.float(), size=cfg.target_size, mode="bilinear", align_corners=False
-            )
-            x = x.round().clamp(0, 255).to(torch.uint8)
-        logits = model(to_input(x, device))
-        logits = F.interpolate(
-            logits.float(), size=item["label"].shape, mode="bilinear", align_corners=False
-        )
-        pred = logits.argmax(1)
-        cm.update(pred, item["label"].unsqueeze(0).to(device))
-        if save_predictions is not None and saved < max_saved and is_main_process():
-            p = pred[0].cpu().numpy()
+    """The library's evaluation under the run's protocol, with a progress bar and a few
+    colourised predictions (image | prediction | ground truth) saved."""
+    saved: list[int] = []
+
+    def keep(i: int, item: dict[str, Any], pred: torch.Tensor) -> None:
+        if save_predictions is not None and len(saved) < max_saved and is_main_process():
             row = np.concatenate(
-                [image[0].permute(1, 2, 0).numpy(), colorize(p), colorize(item["label"].numpy())], 1
+                [
+                    item["image"].permute(1, 2, 0).numpy(),
+                    colorize(pred.cpu().numpy()),
+                    colorize(item["label"].numpy()),
+                ],
+                1,
             )
             write_rgb(save_predictions / f"{Path(item['name']).stem}.png", row)
-            saved += 1
-        bar.update()
+            saved.append(i)
+
+    n = len(range(rank(), len(val), world_size()))
+    bar = progress(total=n, desc=desc, quiet=cfg.quiet)
+    scores = ust.evaluate_segmentation(
+        unwrap_model(model),
+        val,
+        cfg.num_classes,
+        protocol=cfg.protocol,
+        input_size=cfg.target_size,
+        device=device,
+        on_prediction=keep,
+        progress=lambda done, total: bar.update(),
+    )
     bar.close()
-    model.train(was_training)
-    return cm.scores(None if cfg.protocol == "all" else cfg.protocol)
+    return scores.to_dict()
 
 
 def class_names(cfg: Config) -> list[str]:

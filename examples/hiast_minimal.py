@@ -84,16 +84,9 @@ def hiast_round(model, target, stats, round_dir, args, k):
     return teacher
 
 
-@torch.no_grad()
 def evaluate(model, val, args) -> float:
-    """mIoU over every class on the labelled target validation images."""
-    model.eval()
-    meter = ust.ConfusionMatrix(args.num_classes)
-    for i in range(len(val)):
-        item = val[i]
-        probabilities = ust.predict_probabilities(model, item["image"][None].to(args.device))
-        meter.update(probabilities.argmax(1), item["label"][None].to(args.device))
-    return float(meter.scores()["miou"])
+    """mIoU over every class on the labelled target validation images (the library's scoring)."""
+    return ust.evaluate_segmentation(model, val, args.num_classes, device=args.device).miou
 
 
 def main(argv: list[str] | None = None) -> float:

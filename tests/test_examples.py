@@ -785,3 +785,44 @@ def test_paper_preset_dry_run_on_real_resolution_files(tmp_path):
         stages = {c["stage"] for c in costs}
         assert {"source_only", "warmup", "round1", "round1/pseudo_labels", "round1/eval"} <= stages
         assert all(c["peak_rss_mib"] > 0 and c["seconds"] >= 0 for c in costs)
+        # evaluate.py on the preset: only --target-root, and the pipeline's number for final.pt.
+        import evaluate
+
+        out = tmp_path / f"eval_{preset}"
+        argv = [str(run_dir / "final.pt"), "--preset", preset, "--input-size", "96", "192"]
+        argv += ["--target-root", str(root / "cityscapes"), "--device", "cpu", "--out", str(out)]
+        assert evaluate.main(argv) == 0
+        scores = json.loads((out / "scores.json").read_text())
+        assert scores["miou"] == pytest.approx(results["round1"]["miou"], abs=1e-12)
+        assert len(scores["classes"]) == (16 if preset == "synthia" else 19)
+
+
+def test_evaluate_example_cityscapes_oxford_preset(tmp_path):
+    """evaluate.py --preset cityscapes_oxford on Oxford RobotCar's layout at its real size
+    (1280 x 960, RGBA annotations), 9 classes, the oxford9 protocol."""
+    import evaluate
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from uda_selftrain.datasets.image_io import write_rgb
+    from uda_selftrain.models import deeplabv2_resnet101
+
+    root = tmp_path / "Oxford_Robot_ICCV19"
+    g = np.random.default_rng(0)
+    (root / "anno").mkdir(parents=True)
+    for k in range(2):
+        write_rgb(root / "val" / f"{k:04d}.png", g.integers(0, 256, (960, 1280, 3), np.uint8))
+        anno = g.integers(0, 20, (960, 1280)).astype(np.uint8)
+        rgba = np.stack([anno, anno, anno, np.full_like(anno, 255)], -1)
+        Image.fromarray(rgba, "RGBA").save(root / "anno" / f"{k:04d}.png")
+    ckpt = tmp_path / "oxford.pt"
+    torch.manual_seed(0)
+    torch.save(deeplabv2_resnet101(9).state_dict(), ckpt)
+    out = tmp_path / "eval"
+    argv = [str(ckpt), "--preset", "cityscapes_oxford", "--target-root", str(root)]
+    argv += ["--input-size", "48", "64", "--device", "cpu", "--out", str(out), "--max-saved", "1"]
+    assert evaluate.main(argv) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["classes"] == list(range(9)) and 0.0 <= scores["miou"] <= 1.0
+    assert len(list((out / "predictions").glob("*.png"))) == 1

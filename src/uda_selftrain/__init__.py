@@ -32,6 +32,7 @@ from .diagnostics import (
     class_prior,
     pseudo_label_diagnostics,
 )
+from .evaluation import SegmentationScores, evaluate_segmentation
 from .feature_distance import (
     CITYSCAPES_THING_CLASSES,
     ThingFeatureDistance,
@@ -182,6 +183,7 @@ __all__ = [
     "RareClassSampler",
     "RegionAdaptiveLoss",
     "RegionAdaptiveLossOutput",
+    "SegmentationScores",
     "Selection",
     "Selector",
     "SoftNeighbourhoodDensity",
@@ -209,6 +211,7 @@ __all__ = [
     "downscale_labels",
     "ensemble_agreement",
     "entropy_loss",
+    "evaluate_segmentation",
     "generate_pseudo_labels",
     "get_protocol",
     "grouped_quantile",
