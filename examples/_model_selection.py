@@ -22,7 +22,7 @@ from uda_selftrain.distributed import is_main_process
 from uda_selftrain.models import load_checkpoint
 
 #: ``--select`` values: the paper's behaviour (the last round's teacher) or a validator's pick.
-SELECT_CHOICES = ("last", *ust.VALIDATORS)
+SELECT_CHOICES = ("last", *ust.VALIDATORS, *ust.COMBINED)
 
 
 def run_candidates(run_dir: Path, start: Path | None, rounds: int) -> list[tuple[str, Path]]:

@@ -584,13 +584,12 @@ def select_round(
             device=device,
         )
     if is_main_process():
-        key = cfg.select if cfg.select != "last" else "ensemble_agreement"
         log(
             stage=f"round{k}",
             event="selection",
             validator=cfg.select,
             picked=selection["picked"],
-            scores={r["name"]: r["scores"][key] for r in selection["candidates"]},
+            scores={r["name"]: r["scores"] for r in selection["candidates"]},
         )
         if cfg.select != "last":
             print(f"round {k}: {cfg.select} picks {selection['picked']}", file=sys.stderr)

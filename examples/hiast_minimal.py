@@ -165,7 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--select",
-        choices=["last", *ust.VALIDATORS],
+        choices=["last", *ust.VALIDATORS, *ust.COMBINED],
         default="last",
         help="keep the last teacher, or the model a label-free validator scores best",
     )

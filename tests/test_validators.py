@@ -341,3 +341,22 @@ def test_docs_page_example_runs():
     exec(compile(code, str(page), "exec"), namespace)
     assert namespace["best"] in range(3)
     assert len(namespace["scores"]) == 3
+
+
+def test_mean_ranks_match_scipy_rankdata():
+    from scipy.stats import rankdata
+
+    g = torch.Generator().manual_seed(9)
+    scores = [
+        {k: float(torch.randint(0, 4, (), generator=g)) for k in ust.VALIDATORS} for _ in range(6)
+    ]
+    scores[2]["snd"] = math.nan
+    expected = np.zeros(6)
+    for k, higher in ust.VALIDATORS.items():
+        v = np.array([s[k] for s in scores])
+        key = np.where(np.isnan(v), -np.inf, v if higher else -v)
+        expected += rankdata(-key, method="average") - 1
+    expected /= len(ust.VALIDATORS)
+    assert ust.mean_ranks(scores) == pytest.approx(expected.tolist())
+    best = ust.select_candidate(scores, "mean_rank")
+    assert best == int(np.flatnonzero(expected == expected.min())[0])

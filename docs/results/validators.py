@@ -151,6 +151,9 @@ def run_measures(rows: list[dict[str, Any]], policy: str) -> dict[str, float]:
         sign = 1.0 if ust.VALIDATORS[policy] else -1.0
         values = np.array([sign * r["scores"][policy] for r in rows])
         tau = float(kendalltau(values, miou).statistic)
+    elif policy in ust.COMBINED:
+        values = -np.array(ust.mean_ranks([r["scores"] for r in rows]))
+        tau = float(kendalltau(values, miou).statistic)
     return {
         "tau": tau,
         "regret": regret,
@@ -197,7 +200,7 @@ def regime_section(
     default: str,
 ) -> tuple[str, dict[str, dict[str, list[float]]]]:
     per_seed = {s: score_seed(run_dir / f"seed{s}", images)["candidates"] for s in seeds}
-    policies = [*ust.VALIDATORS, *BASELINES]
+    policies = [*ust.VALIDATORS, *ust.COMBINED, *BASELINES]
     table = {p: {k: [] for k in ("tau", "regret", "within1", "worst", "picked")} for p in policies}
     for s in seeds:
         for p in policies:
@@ -390,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--images", type=int, default=100, help="target training images scored")
-    parser.add_argument("--default", default="ensemble_agreement", choices=sorted(ust.VALIDATORS))
+    parser.add_argument(
+        "--default", default="mean_rank", choices=[*sorted(ust.VALIDATORS), *ust.COMBINED]
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)

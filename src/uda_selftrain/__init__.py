@@ -121,6 +121,7 @@ from .selection import (
 )
 from .teacher import EMATeacher, unwrap_model
 from .validators import (
+    COMBINED,
     VALIDATORS,
     AugmentationAgreement,
     EnsembleAgreement,
@@ -132,6 +133,7 @@ from .validators import (
     agreement_miou,
     ensemble_agreement,
     information_maximization,
+    mean_ranks,
     mixval_probe,
     prediction_entropy,
     score_candidates,
@@ -143,6 +145,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CITYSCAPES_THING_CLASSES",
+    "COMBINED",
     "PROTOCOLS",
     "VALIDATORS",
     "ArgmaxSelector",
@@ -223,6 +226,7 @@ __all__ = [
     "iou_from_confusion",
     "mask_images",
     "masked_consistency_loss",
+    "mean_ranks",
     "mic_block_size",
     "miou",
     "mixval_probe",

@@ -37,6 +37,7 @@ from .metrics import confusion_matrix
 from .online import classmix_masks
 
 __all__ = [
+    "COMBINED",
     "VALIDATORS",
     "AugmentationAgreement",
     "EnsembleAgreement",
@@ -48,6 +49,7 @@ __all__ = [
     "agreement_miou",
     "ensemble_agreement",
     "information_maximization",
+    "mean_ranks",
     "mixval_probe",
     "prediction_entropy",
     "score_candidates",
@@ -837,16 +839,59 @@ def score_candidates(
     ]
 
 
+#: Policies :func:`select_candidate` knows besides the validators themselves.
+COMBINED = ("mean_rank",)
+
+
+def mean_ranks(scores: Sequence[dict[str, float]]) -> list[float]:
+    """Each candidate's rank under every validator of :data:`VALIDATORS`, averaged (0 = best).
+
+    Ranks follow each validator's direction; a NaN score ranks last; ties share their mean rank.
+    A candidate that no single validator favours but that none ranks badly scores well: a vote of
+    validators whose failures differ.
+
+    >>> s = [{k: 0.0 for k in VALIDATORS}, {k: (1.0 if VALIDATORS[k] else -1.0) for k in VALIDATORS}]
+    >>> mean_ranks(s)
+    [1.0, 0.0]
+    """
+    if not scores:
+        raise ValueError("scores must hold at least one candidate")
+    n = len(scores)
+    total = [0.0] * n
+    for name, higher in VALIDATORS.items():
+        keyed = []
+        for s in scores:
+            v = s[name]
+            keyed.append(-math.inf if math.isnan(v) else (v if higher else -v))
+        order = sorted(range(n), key=lambda i: -keyed[i])
+        i = 0
+        while i < n:  # average rank over ties
+            j = i
+            while j + 1 < n and keyed[order[j + 1]] == keyed[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                total[order[k]] += (i + j) / 2
+            i = j + 1
+    return [t / len(VALIDATORS) for t in total]
+
+
 def select_candidate(scores: Sequence[dict[str, float]], validator: str) -> int:
     """Index of the best candidate by ``validator`` (NaN scores lose; ties go to the earliest).
+
+    ``validator`` is a name of :data:`VALIDATORS` or ``"mean_rank"`` (:func:`mean_ranks`).
 
     >>> select_candidate([{"entropy": 0.3}, {"entropy": 0.1}, {"entropy": 0.2}], "entropy")
     1
     """
-    if validator not in VALIDATORS:
-        raise ValueError(f"unknown validator {validator!r}; choose one of {sorted(VALIDATORS)}")
+    if validator not in VALIDATORS and validator not in COMBINED:
+        raise ValueError(
+            f"unknown validator {validator!r}; choose one of {sorted(VALIDATORS) + list(COMBINED)}"
+        )
     if not scores:
         raise ValueError("scores must hold at least one candidate")
+    if validator == "mean_rank":
+        ranks = mean_ranks(scores)
+        return min(range(len(ranks)), key=lambda i: (ranks[i], i))
     sign = 1.0 if VALIDATORS[validator] else -1.0
     keyed = [sign * s[validator] if not math.isnan(s[validator]) else -math.inf for s in scores]
     return max(range(len(keyed)), key=lambda i: (keyed[i], -i))
