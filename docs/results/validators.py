@@ -208,7 +208,7 @@ def regime_section(
                 table[p][k].append(v)
     lines = [
         f"### {name} (`{run_dir}`, seeds {', '.join(map(str, seeds))}, "
-        f"{len(per_seed[seeds[0]])} candidates per run)",
+        f"{len(per_seed[seeds[0]])} candidates per run, {images} target images scored)",
         "",
         "| policy | Kendall τ | regret (mIoU) | pick within 1.0 of best | pick is the worst |",
         "|---|---|---|---|---|",
@@ -394,6 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--images", type=int, default=100, help="target training images scored")
     parser.add_argument(
+        "--regime-images",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "N"),
+        help="another number of scored images for one regime (e.g. a larger image size)",
+    )
+    parser.add_argument(
         "--default", default="mean_rank", choices=[*sorted(ust.VALIDATORS), *ust.COMBINED]
     )
     parser.add_argument("--out", type=Path, default=None)
@@ -402,13 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     sections, tables = [], {}
     ct_values = {v[0]: [float(x) for x in v[1:]] for v in args.ct_values}
+    images = {name: int(n) for name, n in args.regime_images}
     for spec in args.regime:
         if len(spec) not in (2, 3):
             parser.error(f"--regime takes NAME RUN [CT_RUN], got {spec}")
         name, run = spec[0], Path(spec[1])
         ct: Path | list[float] | None = Path(spec[2]) if len(spec) == 3 else ct_values.get(name)
         t0 = time.perf_counter()
-        text, tables[name] = regime_section(name, run, ct, args.seeds, args.images, args.default)
+        n = images.get(name, args.images)
+        text, tables[name] = regime_section(name, run, ct, args.seeds, n, args.default)
         sections.append(text + f"\n\n(scored in {time.perf_counter() - t0:.0f} s)")
         print(sections[-1], file=sys.stderr)
     runs = {
