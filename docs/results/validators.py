@@ -365,6 +365,30 @@ def summary_table(tables: dict[str, dict[str, dict[str, list[float]]]]) -> str:
     return "\n".join(lines)
 
 
+def compact_tables(tables: dict[str, dict[str, dict[str, list[float]]]], regimes: list[str]) -> str:
+    """Two tables over the named regimes: regret (share within 1.0, share worst), and τ."""
+    policies = list(next(iter(tables.values())))
+    head = "| policy | " + " | ".join(regimes) + " |"
+    rule = "|---|" + "---|" * len(regimes)
+    regret = [head, rule]
+    tau = [head, rule]
+    for p in policies:
+        cells = [
+            f"{ms(tables[r][p]['regret'])} ({pct(tables[r][p]['within1'])}, "
+            f"{pct(tables[r][p]['worst'])})"
+            for r in regimes
+        ]
+        regret.append(f"| {p} | " + " | ".join(cells) + " |")
+        if p not in BASELINES:
+            tau.append(f"| {p} | " + " | ".join(ms(tables[r][p]["tau"], 2) for r in regimes) + " |")
+    return (
+        "Regret in mIoU (share of runs within 1.0 of the best, share picking the worst):\n\n"
+        + "\n".join(regret)
+        + "\n\nKendall's τ between the score and the true mIoU over each run's candidates:\n\n"
+        + "\n".join(tau)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -405,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         "--default", default="mean_rank", choices=[*sorted(ust.VALIDATORS), *ust.COMBINED]
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--compact", nargs="+", default=None, metavar="NAME", help="regimes of the compact tables"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -436,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n\n".join(
         [
             "## Summary (mean ± std over seeds; τ, regret in mIoU points, shares of runs)",
+            *([compact_tables(tables, args.compact)] if args.compact else []),
             summary_table(tables),
             *sections,
             f"Total {time.perf_counter() - start:.0f} s.",
