@@ -21,7 +21,7 @@ Caffe network's.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -94,16 +94,27 @@ def load_checkpoint(
     own = model.state_dict()
     if backbone_only is None:
         backbone_only = not any(k.startswith("aspp.") for k in state)
-    unused = sorted(k for k in state if k not in own)
+
+    def may_miss(k: str) -> bool:
+        return (backbone_only and not k.startswith("backbone.")) or k.endswith(
+            "num_batches_tracked"
+        )
+
+    return _load_matching(model, state, own, may_miss, "keys the model needs")
+
+
+def _load_matching(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    may_miss: Callable[[str], bool],
+    what: str,
+) -> LoadReport:
+    """Load the file's keys that ``own`` has, after checking for missing keys and shapes."""
     missing = sorted(k for k in own if k not in state)
-    allowed = [
-        k
-        for k in missing
-        if (backbone_only and not k.startswith("backbone.")) or k.endswith("num_batches_tracked")
-    ]
-    fatal = [k for k in missing if k not in allowed]
+    fatal = [k for k in missing if not may_miss(k)]
     if fatal:
-        raise KeyError(f"checkpoint lacks {len(fatal)} keys the model needs, e.g. {fatal[:3]}")
+        raise KeyError(f"checkpoint lacks {len(fatal)} {what}, e.g. {fatal[:3]}")
     bad = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
@@ -112,7 +123,11 @@ def load_checkpoint(
     if bad:
         raise ValueError(f"{len(bad)} shape mismatches, e.g. {bad[:3]}")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    return LoadReport(sorted(k for k in state if k in own), unused, allowed)
+    return LoadReport(
+        sorted(k for k in state if k in own),
+        sorted(k for k in state if k not in own),
+        [k for k in missing if may_miss(k)],
+    )
 
 
 def _read(checkpoint: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> object:
@@ -153,18 +168,6 @@ def load_backbone(
     own = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     if not own:
         raise ValueError("model has no 'backbone.' parameters to initialise")
-    missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
-    if missing:
-        raise KeyError(f"checkpoint lacks {len(missing)} backbone keys, e.g. {missing[:3]}")
-    bad = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if bad:
-        raise ValueError(f"{len(bad)} shape mismatches, e.g. {bad[:3]}")
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    skipped = sorted(k for k in own if k not in state)
-    return LoadReport(
-        sorted(k for k in state if k in own), sorted(k for k in state if k not in own), skipped
+    return _load_matching(
+        model, state, own, lambda k: k.endswith("num_batches_tracked"), "backbone keys"
     )
