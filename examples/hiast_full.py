@@ -484,12 +484,7 @@ def run_pipeline(
 ) -> dict[str, dict[str, Any]]:
     """The stages of one run; ``max_rounds`` stops earlier without changing the run's
     configuration (the ablation's shared stages), and then writes no final model or report."""
-    if cfg.select not in SELECT_CHOICES:
-        raise SystemExit(f"--select must be one of {', '.join(SELECT_CHOICES)}, got {cfg.select!r}")
-    if cfg.collapse_guard not in GUARDS:
-        raise SystemExit(f"--collapse-guard must be one of {', '.join(GUARDS)}")
-    if cfg.patience and cfg.select == "last":
-        raise SystemExit("--patience needs a validator to judge the rounds: pass --select too")
+    check_options(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_config(run_dir, config_dict(cfg), config_dict(Config()))
@@ -498,32 +493,8 @@ def run_pipeline(
     seed_everything(cfg.seed)
     source, target, val, _ = build_data(cfg)
     model = build_model(cfg).to(device)
-    results: dict[str, dict[str, Any]] = {}
     warm_path = shared_warmup or (Path(cfg.init_warmup) if cfg.init_warmup else None)
-    if warm_path is None:
-        if cfg.init_source:
-            report = load_checkpoint(model, cfg.init_source)
-            log(stage="source_only", event="init", path=cfg.init_source, unused=report.unused)
-        else:
-            if cfg.backbone_weights:  # ImageNet / MS-COCO DeepLab / our checkpoint: the trunk only
-                report = load_backbone(model, cfg.backbone_weights)
-                log(
-                    stage="source_only",
-                    event="init_backbone",
-                    path=cfg.backbone_weights,
-                    unused=report.unused,
-                )
-            train_source(
-                cfg, run_dir / "source_only", model, source, None, device, log, adversarial=False
-            )
-            results["source_only"] = stage_eval(
-                cfg, run_dir, "source_only", model, val, device, log
-            )
-        train_source(cfg, run_dir / "warmup", model, source, target, device, log, adversarial=True)
-        results["warmup"] = stage_eval(cfg, run_dir, "warmup", model, val, device, log)
-    else:
-        report = load_checkpoint(model, warm_path)
-        log(stage="warmup", event="init", path=str(warm_path), unused=report.unused)
+    results = start_model(cfg, run_dir, model, warm_path, source, target, val, device, log)
     label_model: nn.Module = model
     monitor = ust.CollapseMonitor(source_prior(cfg, run_dir, source), class_names=class_names(cfg))
     selection: dict[str, Any] = {}
@@ -542,13 +513,7 @@ def run_pipeline(
         label_model = teacher.module  # the next round's labels come from this round's teacher
         if cfg.select != "last" or cfg.patience:
             selection = select_round(cfg, run_dir, k, warm_path, target, device, log)
-            if cfg.patience and rounds_since_pick(selection) >= cfg.patience:
-                print(
-                    f"stopping after round {k}: {selection['picked']} is still the best "
-                    f"by {cfg.select} ({cfg.patience} round(s) of patience)",
-                    file=sys.stderr,
-                )
-                log(stage=f"round{k}", event="early_stop", picked=selection["picked"])
+            if stop_early(cfg, k, selection, log):
                 break
     final = label_model
     if selection and cfg.select != "last":
@@ -559,6 +524,67 @@ def run_pipeline(
         atomic_torch_save(run_dir / "final.pt", final.state_dict())
         write_report(run_dir, results, cfg)
     return results
+
+
+def check_options(cfg: Config) -> None:
+    """The selection and guard options, checked before anything runs."""
+    if cfg.select not in SELECT_CHOICES:
+        raise SystemExit(f"--select must be one of {', '.join(SELECT_CHOICES)}, got {cfg.select!r}")
+    if cfg.collapse_guard not in GUARDS:
+        raise SystemExit(f"--collapse-guard must be one of {', '.join(GUARDS)}")
+    if cfg.patience and cfg.select == "last":
+        raise SystemExit("--patience needs a validator to judge the rounds: pass --select too")
+
+
+def start_model(
+    cfg: Config,
+    run_dir: Path,
+    model: nn.Module,
+    warm_path: Path | None,
+    source: Dataset,
+    target: Any,
+    val: Any,
+    device: torch.device,
+    log: MetricsLog,
+) -> dict[str, dict[str, Any]]:
+    """Stages 1–2 (source-only, warm-up), or the given checkpoint; the stages' scores."""
+    results: dict[str, dict[str, Any]] = {}
+    if warm_path is not None:
+        report = load_checkpoint(model, warm_path)
+        log(stage="warmup", event="init", path=str(warm_path), unused=report.unused)
+        return results
+    if cfg.init_source:
+        report = load_checkpoint(model, cfg.init_source)
+        log(stage="source_only", event="init", path=cfg.init_source, unused=report.unused)
+    else:
+        if cfg.backbone_weights:  # ImageNet / MS-COCO DeepLab / our checkpoint: the trunk only
+            report = load_backbone(model, cfg.backbone_weights)
+            log(
+                stage="source_only",
+                event="init_backbone",
+                path=cfg.backbone_weights,
+                unused=report.unused,
+            )
+        train_source(
+            cfg, run_dir / "source_only", model, source, None, device, log, adversarial=False
+        )
+        results["source_only"] = stage_eval(cfg, run_dir, "source_only", model, val, device, log)
+    train_source(cfg, run_dir / "warmup", model, source, target, device, log, adversarial=True)
+    results["warmup"] = stage_eval(cfg, run_dir, "warmup", model, val, device, log)
+    return results
+
+
+def stop_early(cfg: Config, k: int, selection: dict[str, Any], log: MetricsLog) -> bool:
+    """``--patience``: stop when the picked model is that many rounds old."""
+    if not cfg.patience or rounds_since_pick(selection) < cfg.patience:
+        return False
+    print(
+        f"stopping after round {k}: {selection['picked']} is still the best "
+        f"by {cfg.select} ({cfg.patience} round(s) of patience)",
+        file=sys.stderr,
+    )
+    log(stage=f"round{k}", event="early_stop", picked=selection["picked"])
+    return True
 
 
 def select_round(
