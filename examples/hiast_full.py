@@ -35,6 +35,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,21 +127,9 @@ def train_source(
         parts.update(disc=unwrap_model(disc), disc_optimizer=disc_opt)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + (2 if adversarial else 1) * 1000 + rank())
     run = StageRun(stage_dir, name, total, cfg, log, device, gen, scaler=amp.scaler, **parts)
-    src_iter = iter(
-        loader(
-            source,
-            IterationBatches(len(source), cfg.batch_size, total, run.start, cfg.seed + 1),
-            cfg,
-        )
-    )
+    src_iter = batch_stream(source, cfg, total, run.start, cfg.seed + 1)
     if adversarial:
-        tgt_iter = iter(
-            loader(
-                target,
-                IterationBatches(len(target), cfg.batch_size, total, run.start, cfg.seed + 2),
-                cfg,
-            )
-        )
+        tgt_iter = batch_stream(target, cfg, total, run.start, cfg.seed + 2)
     net.train()
     a = cfg.accumulate
     for it in run.iterations():
@@ -154,26 +143,53 @@ def train_source(
                 out = net(x)
                 loss = F.cross_entropy(out.float(), y, ignore_index=255)
                 adv = torch.zeros((), device=device)
-                if adversarial:  # fool D: target outputs should look like source ones (label 0)
-                    xt, _ = source_batch(targets[part], cfg, device, gen)
-                    pt = F.softmax(net(xt).float(), dim=1)
-                    disc.requires_grad_(False)  # this term trains the segmenter only
-                    adv = _adv_loss(disc(pt), 0.0, cfg)
-                    disc.requires_grad_(True)
+                if adversarial:
+                    adv, pt = _fool_disc(net, disc, targets[part], cfg, device, gen)
                     loss = loss + cfg.adv_weight * adv
             amp.backward(loss / a)
             if adversarial:  # D learns source 0, target 1
                 ps = F.softmax(out.detach().float(), dim=1)
-                d_loss = 0.5 * (
-                    _adv_loss(disc(ps), 0.0, cfg) + _adv_loss(disc(pt.detach()), 1.0, cfg)
-                )
-                (d_loss / a).backward()
+                d_loss = _adv_loss(disc(ps), 0.0, cfg) + _adv_loss(disc(pt.detach()), 1.0, cfg)
+                (0.5 * d_loss / a).backward()
         amp.step(opt)
         sched.step()
         if adversarial:
             disc_opt.step()
         run.step_done(it, sched.get_last_lr()[0], loss=loss, adv=adv)
     run.finish({"model.pt": unwrap_model(model).state_dict()})
+
+
+def batch_stream(dataset: Any, cfg: Config, total: int, start: int, seed: int) -> Iterator[Any]:
+    """A stage's deterministic, resumable batches from iteration ``start`` on."""
+    batches = IterationBatches(len(dataset), cfg.batch_size, total, start, seed)
+    return iter(loader(dataset, batches, cfg))
+
+
+def source_ce(
+    net: nn.Module, batch: dict[str, Any], cfg: Config, gen: torch.Generator
+) -> torch.Tensor:
+    """Cross-entropy on a labelled source batch (weak geometry, normalised)."""
+    device = next(net.parameters()).device
+    xs, ys = source_batch(batch, cfg, device, gen)
+    return F.cross_entropy(net(xs).float(), ys, ignore_index=255)
+
+
+def _fool_disc(
+    net: nn.Module,
+    disc: nn.Module,
+    batch: dict[str, Any],
+    cfg: Config,
+    device: torch.device,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The segmenter's adversarial term (target outputs should look like source ones, label 0)
+    and the target probabilities; the discriminator is not trained by it."""
+    xt, _ = source_batch(batch, cfg, device, gen)
+    pt = F.softmax(net(xt).float(), dim=1)
+    disc.requires_grad_(False)
+    adv = _adv_loss(disc(pt), 0.0, cfg)
+    disc.requires_grad_(True)
+    return adv, pt
 
 
 def _adv_loss(d_out: torch.Tensor, label: float, cfg: Config) -> torch.Tensor:
@@ -344,6 +360,41 @@ def round_components(
     return data, hard_mask, ust.WeakStrongViews(cfg.crop_size), loss_fn
 
 
+def round_run(
+    cfg: Config,
+    round_dir: Path,
+    k: int,
+    student: nn.Module,
+    teacher: ust.EMATeacher,
+    log: MetricsLog,
+    device: torch.device,
+) -> tuple[StageRun, Any, Any, Amp, torch.Generator, torch.Tensor]:
+    """The round's optimiser, schedule, AMP, generator and pasted-pixel counts, under a resumable
+    StageRun (restored from the round's checkpoint when there is one)."""
+    total = cfg.round_iters
+    opt, sched = make_optimizer(student, cfg.round_lrs[min(k, len(cfg.round_lrs)) - 1], cfg, total)
+    amp = Amp(cfg, device)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + 100 * k + rank())
+    # Pixels pasted per class this round (on the device, read once at the end): diagnostics.
+    pasted = torch.zeros(cfg.num_classes, dtype=torch.int64, device=device)
+    run = StageRun(
+        round_dir,
+        round_dir.name,
+        total,
+        cfg,
+        log,
+        device,
+        gen,
+        tensors={"pasted_pixels": pasted},
+        model=student,
+        teacher=teacher,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=amp.scaler,
+    )
+    return run, opt, sched, amp, gen, pasted
+
+
 def self_train(
     cfg: Config,
     round_dir: Path,
@@ -366,38 +417,12 @@ def self_train(
     data, hard_mask, views, loss_fn = round_components(cfg, round_dir, k, target, stats, log)
     hard_mask = None if hard_mask is None else hard_mask.to(device)
     net = wrap_ddp(student, device)
-    opt, sched = make_optimizer(student, cfg.round_lrs[min(k, len(cfg.round_lrs)) - 1], cfg, total)
-    amp = Amp(cfg, device)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + 100 * k + rank())
-    # Pixels pasted per class this round (on the device, read once at the end): diagnostics.
-    pasted = torch.zeros(cfg.num_classes, dtype=torch.int64, device=device)
-    run = StageRun(
-        round_dir,
-        round_dir.name,
-        total,
-        cfg,
-        log,
-        device,
-        gen,
-        tensors={"pasted_pixels": pasted},
-        model=student,
-        teacher=teacher,
-        optimizer=opt,
-        scheduler=sched,
-        scaler=amp.scaler,
-    )
+    run, opt, sched, amp, gen, pasted = round_run(cfg, round_dir, k, student, teacher, log, device)
+    # Data iterators before run.iterations(): making them draws from the global RNG.
     if cfg.source_weight > 0:  # guard: keep source supervision during self-training
-        seed = cfg.seed + 20 * k
-        src = iter(
-            loader(
-                source, IterationBatches(len(source), cfg.batch_size, total, run.start, seed), cfg
-            )
-        )
+        src = batch_stream(source, cfg, total, run.start, cfg.seed + 20 * k)
     data.set_epoch(epoch_of(run.start, cfg.batch_size, len(data)))
-    seed = cfg.seed + 10 * k
-    batches = iter(
-        loader(data, IterationBatches(len(data), cfg.batch_size, total, run.start, seed), cfg)
-    )
+    batches = batch_stream(data, cfg, total, run.start, cfg.seed + 10 * k)
     net.train()
     a = cfg.accumulate
     for it in run.iterations():
@@ -405,25 +430,13 @@ def self_train(
         opt.zero_grad(set_to_none=True)
         sources = micro_batches(next(src), a) if cfg.source_weight > 0 else []
         for part, batch in enumerate(micro_batches(next(batches), a)):
+            ramp = rampup(it, cfg.rampup_iters)
             with amp.autocast():
-                out, pasted_map = hiast_step(
-                    cfg,
-                    batch,
-                    net,
-                    teacher,
-                    loss_fn,
-                    views,
-                    hard_mask,
-                    gen,
-                    device,
-                    rampup(it, cfg.rampup_iters),
-                )
+                step = (cfg, batch, net, teacher, loss_fn, views, hard_mask, gen, device, ramp)
+                out, pasted_map = hiast_step(*step)
                 loss = out.total
                 if sources:  # guard: keep source supervision
-                    xs, ys = source_batch(sources[part], cfg, device, gen)
-                    loss = loss + cfg.source_weight * F.cross_entropy(
-                        net(xs).float(), ys, ignore_index=255
-                    )
+                    loss = loss + cfg.source_weight * source_ce(net, sources[part], cfg, gen)
             amp.backward(loss / a)
             if pasted_map is not None:
                 pasted += ust.class_counts(pasted_map, cfg.num_classes)
