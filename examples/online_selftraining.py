@@ -120,6 +120,81 @@ def source_batches(source, opts, args: argparse.Namespace, counts) -> BatchSampl
     return BatchSampler(sampler, args.batch_size, drop_last=False)
 
 
+def variant_parts(opts: dict[str, bool], args: argparse.Namespace, cfg: Config, device) -> dict:
+    """The variant's components: selector, ClassMix, the HIAST loss, MIC and FD (if chosen)."""
+    parts = {
+        "selector": (
+            ust.InstanceAdaptiveSelector(cfg.num_classes, alpha=cfg.alpha) if opts["ias"] else None
+        ),
+        "mix": ust.ClassMix(cfg.num_classes),
+        "loss_fn": ust.HIASTLoss(
+            ce_weight=1.0 if opts["ias"] else 0.0,  # without IAS the CE is DACS's weighted one
+            smoothing_weight=0.1 if opts["reg"] else 0.0,
+            entropy_weight=1.0 if opts["reg"] else 0.0,
+            consistency_weight=0.5 if opts["cst"] else 0.0,
+        ),
+        "masking": ust.BlockMasking(ratio=0.7, block_size=ust.mic_block_size(cfg.crop_size)),
+        "mic_loss": ust.MaskedImageConsistencyLoss(weight=1.0),
+        "fd": None,
+    }
+    if opts["fd"]:
+        frozen = build_model(cfg)
+        load_checkpoint(frozen, args.fd_encoder)
+        parts["fd"] = ust.ThingFeatureDistance(frozen.backbone, num_classes=cfg.num_classes).to(
+            device
+        )
+    return parts
+
+
+def batch_hard_paste(t_img, t_lab, selector, cfg: Config):
+    """Hard-aware copy-paste between this batch's target images (the next one is the donor)."""
+    hard = class_difficulty(
+        selector.class_values.cpu(),
+        num_hard=min(14, cfg.num_classes),
+        has_donor=selector.class_seen.cpu(),
+    ).hard_mask.to(t_img.device)
+    pasted = hard_paste(
+        t_img, t_lab, t_img.roll(1, 0).unsqueeze(1), t_lab.roll(1, 0).unsqueeze(1), hard
+    )
+    return pasted.images, pasted.labels
+
+
+def source_loss(student, fd, s_img, s_lab):
+    """Source CE (plus the thing-class feature distance when FD is on)."""
+    x_s = normalize(s_img)
+    if fd is None:
+        return F.cross_entropy(student(x_s), s_lab, ignore_index=255)
+    feats = student.backbone(x_s)  # the student's features are needed once more: split the forward
+    src_logits = F.interpolate(
+        student.aspp(feats), size=x_s.shape[-2:], mode="bilinear", align_corners=False
+    )
+    return F.cross_entropy(src_logits, s_lab, ignore_index=255) + fd(feats, x_s, s_lab)
+
+
+def target_loss(student, teacher, parts, opts, mixed, targets, t_img, t_lab, gen):
+    """The mixed images' loss (HIAST terms, DACS's weighted CE without IAS) and MIC's term."""
+    n = t_img.shape[0]
+    strong = normalize(strong_colour(mixed.images, colour_params(n, generator=gen)))
+    logits = student(strong)
+    teacher_logits = None
+    if opts["cst"]:
+        with torch.no_grad():
+            teacher_logits = teacher(normalize(mixed.images))
+    loss = parts["loss_fn"](logits, mixed.labels, teacher_logits).total
+    if parts["selector"] is None:
+        # DACS: per-image confidence weight, 1 on pasted source pixels.
+        w = ust.pixel_weights(targets.weight, tuple(mixed.labels.shape[-2:]), mixed.mask)
+        ce = F.cross_entropy(logits, mixed.labels, ignore_index=255, reduction="none")
+        loss = loss + (ce * w).mean()
+    if opts["mic"]:
+        # The (colour-augmented) target image with 70 % of its blocks masked, against the
+        # teacher's labels of the full image, weighted by their quality.
+        aug = normalize(strong_colour(t_img, colour_params(n, generator=gen)))
+        masked = parts["masking"](aug, generator=gen)
+        loss = loss + parts["mic_loss"](student(masked.images), t_lab, targets.weight)
+    return loss
+
+
 def run_variant(
     name: str, opts: dict[str, bool], args: argparse.Namespace, cfg: Config, data, counts
 ) -> dict:
@@ -130,79 +205,24 @@ def run_variant(
     teacher = ust.EMATeacher(student, momentum=args.ema)
     opt = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / args.iters) ** 0.9)
-    selector = (
-        ust.InstanceAdaptiveSelector(cfg.num_classes, alpha=cfg.alpha) if opts["ias"] else None
-    )
-    mix = ust.ClassMix(cfg.num_classes)
-    loss_fn = ust.HIASTLoss(
-        ce_weight=1.0 if opts["ias"] else 0.0,  # without IAS the CE is DACS's weighted one
-        smoothing_weight=0.1 if opts["reg"] else 0.0,
-        entropy_weight=1.0 if opts["reg"] else 0.0,
-        consistency_weight=0.5 if opts["cst"] else 0.0,
-    )
-    masking = ust.BlockMasking(ratio=0.7, block_size=ust.mic_block_size(cfg.crop_size))
-    mic_loss = ust.MaskedImageConsistencyLoss(weight=1.0)
-    fd = None
-    if opts["fd"]:
-        frozen = build_model(cfg)
-        load_checkpoint(frozen, args.fd_encoder)
-        fd = ust.ThingFeatureDistance(frozen.backbone, num_classes=cfg.num_classes).to(device)
+    parts = variant_parts(opts, args, cfg, device)
+    selector = parts["selector"]
     gen = torch.Generator().manual_seed(args.seed)
     src = iter(loader(source, source_batches(source, opts, args, counts), cfg))
-    tgt = iter(
-        loader(
-            target,
-            IterationBatches(len(target), args.batch_size, args.iters, 0, args.seed + 2),
-            cfg,
-        )
-    )
+    tgt_order = IterationBatches(len(target), args.batch_size, args.iters, 0, args.seed + 2)
+    tgt = iter(loader(target, tgt_order, cfg))
     bar = progress(total=args.iters, desc=name, quiet=args.quiet)
     for it in range(args.iters):
         s_img, s_lab = crops(next(src), cfg, device, gen, labelled=True)
         t_img, _ = crops(next(tgt), cfg, device, gen, labelled=False)
-        n = s_img.shape[0]
         with torch.no_grad():
             targets = ust.online_targets(teacher(normalize(t_img)), selector=selector)
         t_lab = targets.labels
         if opts["hpla"] and bool(selector.class_seen.any()):
-            # Hard-aware copy-paste between this batch's target images (the next one is the donor).
-            hard = class_difficulty(
-                selector.class_values.cpu(),
-                num_hard=min(14, cfg.num_classes),
-                has_donor=selector.class_seen.cpu(),
-            ).hard_mask.to(device)
-            pasted = hard_paste(
-                t_img, t_lab, t_img.roll(1, 0).unsqueeze(1), t_lab.roll(1, 0).unsqueeze(1), hard
-            )
-            t_img, t_lab = pasted.images, pasted.labels
-        mixed = mix(s_img, s_lab, t_img, t_lab, generator=gen)
-        strong = normalize(strong_colour(mixed.images, colour_params(n, generator=gen)))
-        x_s = normalize(s_img)
-        if fd is not None:  # the student's features are needed once more: split the forward
-            feats = student.backbone(x_s)
-            src_logits = F.interpolate(
-                student.aspp(feats), size=x_s.shape[-2:], mode="bilinear", align_corners=False
-            )
-            loss_src = F.cross_entropy(src_logits, s_lab, ignore_index=255) + fd(feats, x_s, s_lab)
-        else:
-            loss_src = F.cross_entropy(student(x_s), s_lab, ignore_index=255)
-        logits = student(strong)
-        teacher_logits = None
-        if opts["cst"]:
-            with torch.no_grad():
-                teacher_logits = teacher(normalize(mixed.images))
-        loss_tgt = loss_fn(logits, mixed.labels, teacher_logits).total
-        if selector is None:
-            # DACS: per-image confidence weight, 1 on pasted source pixels.
-            w = ust.pixel_weights(targets.weight, tuple(mixed.labels.shape[-2:]), mixed.mask)
-            ce = F.cross_entropy(logits, mixed.labels, ignore_index=255, reduction="none")
-            loss_tgt = loss_tgt + (ce * w).mean()
-        if opts["mic"]:
-            # The (colour-augmented) target image with 70 % of its blocks masked, against the
-            # teacher's labels of the full image, weighted by their quality.
-            aug = normalize(strong_colour(t_img, colour_params(n, generator=gen)))
-            masked = masking(aug, generator=gen)
-            loss_tgt = loss_tgt + mic_loss(student(masked.images), t_lab, targets.weight)
+            t_img, t_lab = batch_hard_paste(t_img, t_lab, selector, cfg)
+        mixed = parts["mix"](s_img, s_lab, t_img, t_lab, generator=gen)
+        loss_src = source_loss(student, parts["fd"], s_img, s_lab)
+        loss_tgt = target_loss(student, teacher, parts, opts, mixed, targets, t_img, t_lab, gen)
         loss = loss_src + loss_tgt
         opt.zero_grad(set_to_none=True)
         loss.backward()
