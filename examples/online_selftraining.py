@@ -261,7 +261,7 @@ def run_seed(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -294,7 +294,25 @@ def main(argv: list[str] | None = None) -> int:
             default=True,
             help=f"use {flag} in the 'hiast' variant (default: on)",
         )
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def variant_result(per_seed: list[dict], seeds: list[int], opts: dict[str, bool]) -> dict:
+    """A variant's mIoU over its seeds (mean, sample std, per seed), per-class IoU, cost."""
+    mious = [r["miou"] for r in per_seed]
+    return {
+        "miou": float(np.mean(mious)),
+        "miou_std": float(np.std(mious, ddof=1)) if len(seeds) > 1 else None,
+        "miou_per_seed": mious,
+        "iou_per_seed": [r["iou"] for r in per_seed],
+        "seeds": seeds,
+        "components": opts,
+        "seconds": round(sum(r["seconds"] for r in per_seed), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     variants = {v: parse_variant(v, args) for v in args.variants}
     cfg = Config(
         data_dir=args.data_dir,
@@ -319,27 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or [args.seed]
     results, rows = {}, {}
     for v, opts in variants.items():
-        per_seed, seconds = [], 0.0
-        for s in seeds:
+        per_seed = [
             # One file per (variant, seed): a rerun of the same command skips finished ones.
-            record = cached_result(
+            cached_result(
                 out / v / f"seed{s}.json",
                 settings,
                 lambda v=v, opts=opts, s=s: run_seed(v, opts, args, s, cfg, data, counts),
             )
-            per_seed.append(record)
-            seconds += record["seconds"]
-        mious = [r["miou"] for r in per_seed]
+            for s in seeds
+        ]
         rows[v] = per_seed
-        results[v] = {
-            "miou": float(np.mean(mious)),
-            "miou_std": float(np.std(mious, ddof=1)) if len(seeds) > 1 else None,
-            "miou_per_seed": mious,
-            "iou_per_seed": [r["iou"] for r in per_seed],
-            "seeds": seeds,
-            "components": opts,
-            "seconds": round(seconds, 1),
-        }
+        results[v] = variant_result(per_seed, seeds, opts)
+        mious = results[v]["miou_per_seed"]
         print(f"{v}: mIoU {mean_std(mious)} (seeds {seeds}, {results[v]['seconds']}s)")
     atomic_save_json(out / "results.json", {"args": vars(args), "results": results})
     table = seed_table(rows, list(data[3]), seeds)
