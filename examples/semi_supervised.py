@@ -43,29 +43,54 @@ from uda_selftrain.datasets import Cityscapes, synthetic
 from uda_selftrain.mixing import class_difficulty, paste_views
 
 
+def batches(dataset, args, cfg, seed: int):
+    """The dataset's deterministic batch order for the whole run."""
+    return iter(
+        loader(dataset, IterationBatches(len(dataset), args.batch_size, args.iters, 0, seed), cfg)
+    )
+
+
+def rampup(it: int, args) -> float:
+    """Sigmoid ramp-up of the unlabelled loss (Laine & Aila): early teachers are poor."""
+    if args.rampup <= 0:
+        return 1.0
+    t = min(1.0, it / max(1, args.rampup * args.iters))
+    return float(np.exp(-5.0 * (1.0 - t) ** 2))
+
+
+def unlabelled_loss(model, teacher, selector, views, loss_fn, images, pseudo, cfg, gen):
+    """HIAST's loss on the unlabelled batch: hard-aware paste between its images, the views."""
+    device = images.device
+    hard = class_difficulty(
+        selector.class_values.cpu(),
+        num_hard=min(14, cfg.num_classes),
+        has_donor=selector.class_seen.cpu(),
+    ).hard_mask.to(device)
+    v = paste_views(
+        images,
+        pseudo,
+        images.roll(1, 0).unsqueeze(1),
+        pseudo.roll(1, 0).unsqueeze(1),
+        hard,
+        views=views,
+        generator=gen,
+    )
+    with torch.no_grad():
+        teacher_logits = teacher(v.weak)
+    return loss_fn(model(v.strong), v.maps[0].long(), teacher_logits).total
+
+
 def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, desc: str) -> float:
     gen = torch.Generator().manual_seed(args.seed + (7 if semi else 3))
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=cfg.weight_decay)
-    lab_it = iter(
-        loader(
-            labelled,
-            IterationBatches(len(labelled), args.batch_size, args.iters, 0, args.seed + 1),
-            cfg,
-        )
-    )
+    lab_it = batches(labelled, args, cfg, args.seed + 1)
     unl_it = None
     if semi:
         teacher = ust.EMATeacher(model, momentum=args.ema)
         selector = ust.InstanceAdaptiveSelector(cfg.num_classes, alpha=cfg.alpha)
         views = ust.WeakStrongViews(cfg.crop_size)
         loss_fn = ust.HIASTLoss()
-        unl_it = iter(
-            loader(
-                unlabelled,
-                IterationBatches(len(unlabelled), args.batch_size, args.iters, 0, args.seed + 2),
-                cfg,
-            )
-        )
+        unl_it = batches(unlabelled, args, cfg, args.seed + 2)
     bar = progress(total=args.iters, desc=desc, quiet=args.quiet)
     model.train()
     for it in range(args.iters):
@@ -75,30 +100,9 @@ def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, de
             images = next(unl_it)["image"].to(device)
             with torch.no_grad():
                 pseudo = ust.online_targets(teacher(normalize(images)), selector=selector).labels
-            hard = class_difficulty(
-                selector.class_values.cpu(),
-                num_hard=min(14, cfg.num_classes),
-                has_donor=selector.class_seen.cpu(),
-            ).hard_mask.to(device)
-            v = paste_views(
-                images,
-                pseudo,
-                images.roll(1, 0).unsqueeze(1),
-                pseudo.roll(1, 0).unsqueeze(1),
-                hard,
-                views=views,
-                generator=gen,
-            )
-            with torch.no_grad():
-                teacher_logits = teacher(v.weak)
-            # Sigmoid ramp-up of the unlabelled loss (Laine & Aila): early teachers are poor.
-            t = min(1.0, it / max(1, args.rampup * args.iters)) if args.rampup > 0 else 1.0
-            ramp = float(np.exp(-5.0 * (1.0 - t) ** 2)) if args.rampup > 0 else 1.0
-            loss = (
-                loss
-                + args.unsup_weight
-                * ramp
-                * loss_fn(model(v.strong), v.maps[0].long(), teacher_logits).total
+            ramp = rampup(it, args)
+            loss = loss + args.unsup_weight * ramp * unlabelled_loss(
+                model, teacher, selector, views, loss_fn, images, pseudo, cfg, gen
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,7 +156,7 @@ def run_fractions(args, cfg, train_set, val, device, seed: int) -> dict[str, dic
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -175,7 +179,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/semi_supervised")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def fraction_row(f: float, runs: dict[str, dict]) -> tuple[dict, str]:
+    """One labelled fraction over the seeds: its record and its table line (paired by seed)."""
+    rows = [r[str(f)] for r in runs.values()]
+    sup, semi = [r["supervised_only"] for r in rows], [r["hiast"] for r in rows]
+    record = {
+        "labelled": rows[0]["labelled"],
+        "supervised_only": sup,
+        "hiast": semi,
+        "seeds": list(runs),
+    }
+    diff = [b - a for a, b in zip(sup, semi, strict=True)]
+    line = (
+        f"| {f:g} ({rows[0]['labelled']}) | {mean_std(sup)} | {mean_std(semi)} | "
+        f"{mean_std(diff)} ({', '.join(f'{100 * d:+.1f}' for d in diff)}) |"
+    )
+    print(
+        f"fraction {f:g} ({rows[0]['labelled']} labelled): supervised only "
+        f"{mean_std(sup)}, with HIAST {mean_std(semi)} mIoU (seeds {list(runs)})"
+    )
+    return record, line
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     cfg = Config(data_dir=args.data_dir, width=args.width, quiet=args.quiet, device=args.device)
     if args.synthetic_preset == "tiny":
         cfg.crop_size = (32, 64)
@@ -197,23 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     results, lines = {}, []
     for f in args.fractions:
-        rows = [r[str(f)] for r in runs.values()]
-        sup, semi = [r["supervised_only"] for r in rows], [r["hiast"] for r in rows]
-        results[str(f)] = {
-            "labelled": rows[0]["labelled"],
-            "supervised_only": sup,
-            "hiast": semi,
-            "seeds": list(runs),
-        }
-        diff = [b - a for a, b in zip(sup, semi, strict=True)]
-        lines.append(
-            f"| {f:g} ({rows[0]['labelled']}) | {mean_std(sup)} | {mean_std(semi)} | "
-            f"{mean_std(diff)} ({', '.join(f'{100 * d:+.1f}' for d in diff)}) |"
-        )
-        print(
-            f"fraction {f:g} ({rows[0]['labelled']} labelled): supervised only "
-            f"{mean_std(sup)}, with HIAST {mean_std(semi)} mIoU (seeds {list(runs)})"
-        )
+        results[str(f)], line = fraction_row(f, runs)
+        lines.append(line)
     table = [
         f"Seeds {', '.join(runs)}; mIoU %, mean ± sample std; the difference is paired by seed.",
         "",
