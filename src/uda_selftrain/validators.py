@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_float, check_positive_int, check_tensor, value_checks_enabled
+from ._checks import (
+    check_finite,
+    check_float,
+    check_positive_int,
+    check_tensor,
+    value_checks_enabled,
+)
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import all_reduce_sum
 from .metrics import confusion_matrix
@@ -79,9 +85,8 @@ def _check_probabilities(name: str, probabilities: object, ndim: int = 4) -> tor
     p = check_float(name, probabilities, ndim, hint)
     if p.shape[-3] < 2:
         raise ValueError(f"{name} needs at least 2 classes, got shape {tuple(p.shape)}")
+    check_finite(name, p)
     if value_checks_enabled() and p.numel() > 0:
-        if not bool(torch.isfinite(p).all()):
-            raise ValueError(f"{name} contains NaN or Inf values")
         # Probabilities, not logits: non-negative and summing to 1 over the class dimension.
         if bool((p < 0).any()) or not bool(
             torch.allclose(p.sum(-3), torch.ones((), dtype=p.dtype, device=p.device), atol=1e-3)
@@ -91,6 +96,12 @@ def _check_probabilities(name: str, probabilities: object, ndim: int = 4) -> tor
                 "dimension); apply a softmax to logits first"
             )
     return p
+
+
+def _check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _check_valid(
@@ -364,11 +375,9 @@ def soft_neighbourhood_density(
     True
     """
     f = check_float("features", features, 2, "(M, D)")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    _check_positive("temperature", temperature)
     check_positive_int("chunk_size", chunk_size)
-    if value_checks_enabled() and f.numel() > 0 and not bool(torch.isfinite(f).all()):
-        raise ValueError("features contains NaN or Inf values")
+    check_finite("features", f)
     m = f.shape[0]
     if m < 2:
         return torch.tensor(math.nan, dtype=torch.float64, device=f.device)
@@ -414,9 +423,7 @@ class SoftNeighbourhoodDensity(nn.Module):
         super().__init__()
         self.pixels_per_image = check_positive_int("pixels_per_image", pixels_per_image)
         self.max_samples = check_positive_int("max_samples", max_samples)
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = _check_positive("temperature", temperature)
         self.seed = int(seed)
         self.reset()
 
@@ -785,8 +792,7 @@ def score_candidates(
         raise ValueError("candidates must hold at least one model")
     k = len(models)
     c = check_positive_int("num_classes", num_classes)
-    if not (isinstance(view_scale, (int, float)) and view_scale > 0):
-        raise ValueError(f"view_scale must be a positive number, got {view_scale!r}")
+    _check_positive("view_scale", view_scale)
     modes = [m.training for m in models]
     for m in models:
         m.eval()
