@@ -105,7 +105,83 @@ def predict_probabilities(
 
 
 def _items(dataset: Any, indices: range) -> list[dict[str, Any]]:
-    return [dataset[i] for i in indices]
+    items = [dataset[i] for i in indices]
+    unnamed = [i for i, item in zip(indices, items, strict=True) if "name" not in item]
+    if unnamed:
+        raise ValueError(
+            f"dataset item {unnamed[0]} has no 'name': the pseudo-label files are named "
+            "after it (readers of uda_selftrain.datasets provide one)"
+        )
+    return items
+
+
+def _fit_cbst(
+    selector: CBSTSelector,
+    probabilities: Callable[[int], tuple[list[dict[str, Any]], torch.Tensor]],
+    n_steps: int,
+) -> None:
+    for step in range(n_steps):
+        items, p = probabilities(step)
+        if items:
+            selector.observe(p, probabilities=True)
+    selector.fit()
+
+
+def _device_of(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    params = next(iter(model.parameters()), None)
+    return params.device if params is not None else torch.device("cpu")
+
+
+def _resume(
+    state_path: Path, selector: Selector, stats: ClassStatistics, dev: torch.device
+) -> tuple[int, int]:
+    """The step and labelled-pixel count to continue from (0, 0 without a checkpoint)."""
+    if not state_path.is_file():
+        return 0, 0
+    try:
+        st = torch.load(state_path, map_location=dev, weights_only=False)
+    except Exception as err:  # a torn file from a kill during the write: start over
+        raise ValueError(
+            f"{state_path} is damaged ({type(err).__name__}); delete it to restart this "
+            "round's pseudo-labelling"
+        ) from None
+    selector.load_state_dict(st["selector"])
+    stats.add(st["names"], st["pixels"])
+    return st["step"], st["labelled_pixels"]
+
+
+def _checkpoint(
+    state_path: Path, selector: Selector, stats: ClassStatistics, step: int, labelled: int
+) -> None:
+    atomic_torch_save(
+        state_path,
+        {
+            "selector": selector.state_dict(),
+            "names": stats.names,
+            "pixels": stats.sample_class_pixels,
+            "step": step,
+            "labelled_pixels": labelled,
+        },
+    )
+
+
+def _save_round(stats: ClassStatistics, stats_dir: Path, labelled: int, dev: torch.device) -> None:
+    """The statistics files and the done marker with the selected fraction (rank 0 writes)."""
+    total = int(all_reduce_sum(torch.tensor([labelled], device=dev)).item())
+    if is_main_process():
+        stats.save(stats_dir)
+        selected = int(stats.class_pixels.sum())
+        atomic_save_json(
+            stats_dir / DONE_FILE,
+            {
+                "images": len(stats),
+                "selected_fraction": selected / max(1, total),
+                "selected_pixels_per_image": selected / max(1, len(stats)),
+                "total_pixels": total,
+            },
+        )
 
 
 def generate_pseudo_labels(
@@ -158,12 +234,7 @@ def generate_pseudo_labels(
     num_classes = selector.num_classes
     if (stats_dir / DONE_FILE).is_file():
         return ClassStatistics.load(stats_dir, num_classes)
-    params = next(iter(model.parameters()), None)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else (params.device if params is not None else torch.device("cpu"))
-    )
+    dev = _device_of(model, device)
     was_training = model.training
     model.eval()
     w, b = world_size(), batch_size
@@ -175,12 +246,6 @@ def generate_pseudo_labels(
 
     def probabilities(step: int) -> tuple[list[dict[str, Any]], torch.Tensor]:
         items = _items(dataset, indices(step))
-        unnamed = [i for i, item in zip(indices(step), items, strict=True) if "name" not in item]
-        if unnamed:
-            raise ValueError(
-                f"dataset item {unnamed[0]} has no 'name': the pseudo-label files are named "
-                "after it (readers of uda_selftrain.datasets provide one)"
-            )
         if not items:
             return items, torch.empty(0, num_classes, 1, 1, device=dev)
         images = torch.stack([item["image"] for item in items]).to(dev)
@@ -189,25 +254,10 @@ def generate_pseudo_labels(
 
     stats = ClassStatistics(num_classes)
     state_path = out / f"pseudo_state_rank{rank()}.pt"
-    start, labelled = 0, 0
-    if state_path.is_file():
-        try:
-            st = torch.load(state_path, map_location=dev, weights_only=False)
-        except Exception as err:  # a torn file from a kill during the write: start over
-            raise ValueError(
-                f"{state_path} is damaged ({type(err).__name__}); delete it to restart this "
-                "round's pseudo-labelling"
-            ) from None
-        selector.load_state_dict(st["selector"])
-        stats.add(st["names"], st["pixels"])
-        start, labelled = st["step"], st["labelled_pixels"]
+    start, labelled = _resume(state_path, selector, stats, dev)
     with torch.no_grad():
         if isinstance(selector, CBSTSelector) and not bool(selector.fitted):
-            for step in range(n_steps):
-                items, p = probabilities(step)
-                if items:
-                    selector.observe(p, probabilities=True)
-            selector.fit()
+            _fit_cbst(selector, probabilities, n_steps)  # CBST sees the whole set first
         for step in range(start, n_steps):
             items, p = probabilities(step)
             if items or is_distributed():
@@ -223,32 +273,10 @@ def generate_pseudo_labels(
             if progress is not None and is_main_process():
                 progress(step + 1, n_steps)
             if (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
-                atomic_torch_save(
-                    state_path,
-                    {
-                        "selector": selector.state_dict(),
-                        "names": stats.names,
-                        "pixels": stats.sample_class_pixels,
-                        "step": step + 1,
-                        "labelled_pixels": labelled,
-                    },
-                )
+                _checkpoint(state_path, selector, stats, step + 1, labelled)
     stats.class_values = selector.class_values.detach().double().cpu()
     stats.thresholds = selector.thresholds.detach().double().cpu()
-    stats = _gather(stats)
-    total = int(all_reduce_sum(torch.tensor([labelled], device=dev)).item())
-    if is_main_process():
-        stats.save(stats_dir)
-        selected = int(stats.class_pixels.sum())
-        atomic_save_json(
-            stats_dir / DONE_FILE,
-            {
-                "images": len(stats),
-                "selected_fraction": selected / max(1, total),
-                "selected_pixels_per_image": selected / max(1, len(stats)),
-                "total_pixels": total,
-            },
-        )
+    _save_round(_gather(stats), stats_dir, labelled, dev)
     if is_distributed():
         torch.distributed.barrier()
     state_path.unlink(missing_ok=True)
