@@ -448,12 +448,12 @@ def main(argv: list[str] | None = None) -> int:
         text, tables[name] = regime_section(name, run, ct, args.seeds, n, args.default)
         sections.append(text + f"\n\n(scored in {time.perf_counter() - t0:.0f} s)")
         print(sections[-1], file=sys.stderr)
-    runs = {
-        spec[0]: {
-            s: score_seed(Path(spec[1]) / f"seed{s}", args.images)["candidates"] for s in args.seeds
+    runs = {}
+    for spec in args.regime:
+        n = images.get(spec[0], args.images)
+        runs[spec[0]] = {
+            s: score_seed(Path(spec[1]) / f"seed{s}", n)["candidates"] for s in args.seeds
         }
-        for spec in args.regime
-    }
     for base, variant in args.paired:
         cfg = run_config(
             Path(next(sp[1] for sp in args.regime if sp[0] == base)) / f"seed{args.seeds[0]}"
