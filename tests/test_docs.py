@@ -46,3 +46,42 @@ def test_own_loop_guide_runs():
     exec(compile(code, "own-loop.md", "exec"), namespace)
     assert torch.isfinite(namespace["out"].total)
     assert namespace["pseudo"].shape == (6, 32, 64)
+
+
+def test_readme_example_runs_as_written():
+    """The README's own-loop example runs verbatim: no placeholders, no names from nowhere."""
+    text = (ROOT / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    losses, pseudo = namespace["losses"], namespace["pseudo"]
+    assert torch.isfinite(losses.total)
+    assert pseudo.shape == (4, 64, 128)
+    model, teacher = namespace["model"], namespace["teacher"]
+    # The step trained the student and moved the teacher towards it.
+    student_w = next(model.parameters())
+    teacher_w = next(teacher.module.parameters())
+    assert not torch.equal(student_w, teacher_w)
+
+
+#: Where a number on a summary page must come from: the detailed results and benchmark pages.
+_SOURCES = [
+    *sorted(p for p in (ROOT / "docs" / "results").glob("*.md") if p.name != "index.md"),
+    *sorted((ROOT / "docs" / "components").glob("*.md")),
+    ROOT / "benchmarks" / "RESULTS.md",
+]
+_NUMBER = re.compile(r"[−+-]?\d+(?:\.\d+)? ± \d+(?:\.\d+)?|\d+(?:\.\d+)?×")
+
+
+def _numbers(text: str) -> set[str]:
+    return {m.replace("−", "").replace("+", "").replace("-", "") for m in _NUMBER.findall(text)}
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/results/index.md"])
+def test_summary_numbers_come_from_results_pages(page):
+    """Every mean ± std and speed-up a summary page quotes appears on a detailed results page."""
+    quoted = _numbers((ROOT / page).read_text())
+    assert quoted, f"{page} quotes no results"
+    known = _numbers("\n".join(p.read_text() for p in _SOURCES))
+    missing = sorted(quoted - known)
+    assert not missing, f"{page} quotes numbers no results page has: {missing}"
