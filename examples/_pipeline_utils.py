@@ -339,7 +339,7 @@ def cosine_lambda(total: int, min_ratio: float):
 
 
 def make_optimizer(model: nn.Module, lr: float, cfg: Config, total: int):
-    groups = unwrap_model(model).parameter_groups(lr, cfg.head_lr_multiplier)
+    groups = unwrap_model(model).parameter_groups(lr, head_multiplier=cfg.head_lr_multiplier)
     opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lambda(total, cfg.min_lr_ratio))
     return opt, sched

@@ -54,7 +54,9 @@ def hiast_round(model, target, stats, round_dir, args, k):
     loss_fn = ust.HIASTLoss()  # CE + RegionAdaptiveLoss() + 0.5 · ConsistencyLoss()
     teacher = ust.EMATeacher(model, momentum=args.momentum)
     lr = args.lr[min(k, len(args.lr)) - 1]
-    optimizer = torch.optim.Adam(model.parameter_groups(lr, 10.0), lr=lr, weight_decay=5e-4)
+    optimizer = torch.optim.Adam(
+        model.parameter_groups(lr, head_multiplier=10.0), lr=lr, weight_decay=5e-4
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * i / args.iters))
     )

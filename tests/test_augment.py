@@ -84,8 +84,10 @@ def test_weak_view_maps_keep_dtype_and_values():
 def test_weak_geometry_validation():
     img = torch.rand(2, 3, 8, 8)
     p = crop_params(2, (8, 8))
-    with pytest.raises(ValueError, match="maps"):
+    with pytest.raises(TypeError, match=r"maps\[0\]"):  # a dtype fault: TypeError
         weak_geometry(img, p, (4, 4), [torch.zeros(2, 8, 8)])
+    with pytest.raises(ValueError, match=r"maps\[0\]"):
+        weak_geometry(img, p, (4, 4), [torch.zeros(2, 8, 7, dtype=torch.long)])
     with pytest.raises(ValueError, match="params"):
         weak_geometry(img, crop_params(3, (8, 8)), (4, 4))
     with pytest.raises(ValueError, match="images"):

@@ -76,19 +76,19 @@ CASES: list[tuple[str, Callable[[], object], type[Exception], str]] = [
     ("entropy_loss", lambda: ust.entropy_loss(_x(), _y() - 2), ValueError, "labels"),
     (
         "consistency_loss",
-        lambda: ust.consistency_loss(_x(), _x()[:1], _y()),
+        lambda: ust.consistency_loss(_x(), _y(), _x()[:1]),
         ValueError,
         "teacher_logits",
     ),
     (
         "consistency_loss",
-        lambda: ust.consistency_loss(_x(), _x() * NAN, _y()),
+        lambda: ust.consistency_loss(_x(), _y(), _x() * NAN),
         ValueError,
         "teacher_logits",
     ),
     (
         "consistency_loss",
-        lambda: ust.consistency_loss(_x(), _x(), _y(), region="x"),
+        lambda: ust.consistency_loss(_x(), _y(), _x(), region="x"),
         ValueError,
         "region",
     ),
@@ -770,3 +770,87 @@ def test_damaged_statistics_name_the_file(tmp_path, damage):
 def test_undamaged_statistics_load(tmp_path):
     stats = ClassStatistics.load(_saved_stats(tmp_path), 3)
     assert stats.names == ["a.png", "b.png"] and stats.class_pixels.tolist() == [5, 3, 2]
+
+
+# A tensor on another device fails with both devices named, before any value is read. The "meta"
+# device stands in for a second device on a CPU-only machine (no data, so a value read would fail).
+_META = torch.device("meta")
+
+
+@pytest.mark.parametrize(
+    ("name", "call", "argument"),
+    [
+        (
+            "hiast_loss labels",
+            lambda: ust.hiast_loss(_x(), _y().to(_META), _x()),
+            "labels",
+        ),
+        (
+            "hiast_loss teacher_logits",
+            lambda: ust.hiast_loss(_x(), _y(), _x().to(_META)),
+            "teacher_logits",
+        ),
+        (
+            "consistency_loss teacher_logits",
+            lambda: ust.consistency_loss(_x(), _y(), _x().to(_META)),
+            "teacher_logits",
+        ),
+        (
+            "RegionAdaptiveLoss labels",
+            lambda: ust.RegionAdaptiveLoss()(_x(), _y().to(_META)),
+            "labels",
+        ),
+        (
+            "WeakStrongViews maps",
+            lambda: ust.WeakStrongViews((4, 8))(
+                torch.rand(2, 3, 8, 16), [torch.zeros(2, 8, 16, dtype=torch.long, device=_META)]
+            ),
+            r"maps\[0\]",
+        ),
+        (
+            "hard_paste labels",
+            lambda: ust.hard_paste(
+                torch.rand(1, 3, 4, 4),
+                torch.zeros(1, 4, 4, dtype=torch.long, device=_META),
+                torch.rand(1, 1, 3, 4, 4),
+                torch.zeros(1, 1, 4, 4, dtype=torch.long),
+                torch.tensor([True, False]),
+            ),
+            "labels",
+        ),
+        (
+            "classmix target_labels",
+            lambda: ust.classmix(
+                torch.rand(1, 3, 4, 4),
+                torch.zeros(1, 4, 4, dtype=torch.long),
+                torch.rand(1, 3, 4, 4),
+                torch.zeros(1, 4, 4, dtype=torch.long, device=_META),
+                torch.zeros(1, 4, 4, dtype=torch.bool),
+            ),
+            "target_labels",
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) and " " in v else "",
+)
+def test_tensor_on_another_device_names_both_devices(name, call, argument):
+    with pytest.raises(ValueError, match=argument) as info:
+        call()
+    message = str(info.value)
+    assert "meta" in message and "cpu" in message, message
+
+
+def test_paste_views_names_the_labels_not_maps():
+    """paste_views' labels reach weak_geometry as maps[0]; the error names what the user passed."""
+    views = ust.WeakStrongViews((4, 8))
+    args = (
+        torch.rand(1, 3, 8, 16),
+        torch.zeros(1, 8, 16),  # float labels
+        torch.rand(1, 1, 3, 8, 16),
+        torch.zeros(1, 1, 8, 16, dtype=torch.long),
+        torch.tensor([True, False]),
+    )
+    with pytest.raises(TypeError, match="labels") as info:
+        ust.paste_views(*args, views=views)
+    assert "maps" not in str(info.value)
+    with pytest.raises(TypeError, match="donor_labels"):
+        ust.paste_views(*args[:1], args[3][:, 0], args[2], args[3].float(), args[4], views=views)

@@ -82,7 +82,7 @@ def test_lookup_tables_are_exact():
         (OXFORD_ID_TO_TRAINID, 256),
         (CITYSCAPES_TO_OXFORD, 256),
     ]:
-        table = lookup_table(mapping, size)
+        table = lookup_table(mapping, size=size)
         raw = np.arange(size)
         np.testing.assert_array_equal(map_labels(raw, table), expected_train_ids(raw, mapping))
     t = lookup_table(CITYSCAPES_LABELID_TO_TRAINID)

@@ -24,7 +24,7 @@ def test_golden_terms(golden, golden_loss_inputs):
     np.testing.assert_allclose(entropy_loss(x, y).item(), golden["loss_entropy_ignored"], **close)
     for region in ("ignored", "confident", "all"):
         np.testing.assert_allclose(
-            consistency_loss(x, t, y, region=region).item(),
+            consistency_loss(x, y, t, region=region).item(),
             golden[f"loss_consistency_softce_{region}"],
             **close,
         )
@@ -137,7 +137,7 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(lambda a, i=i: hiast_loss(a, y, t)[i], (x,))
     for fn in (pseudo_label_ce, smoothing_loss, entropy_loss):
         assert torch.autograd.gradcheck(lambda a, fn=fn: fn(a, y), (x,))
-    assert torch.autograd.gradcheck(lambda a: consistency_loss(a, t, y), (x,))
+    assert torch.autograd.gradcheck(lambda a: consistency_loss(a, y, t), (x,))
 
 
 @pytest.mark.parametrize("all_ignored", [True, False])
@@ -216,7 +216,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="teacher_logits"):
         hiast_loss(x, y, torch.randn(2, 4, 4, 4))
     with pytest.raises(ValueError, match="region"):
-        consistency_loss(x, x, y, region="everything")
+        consistency_loss(x, y, x, region="everything")
     with pytest.raises(ValueError, match="normalization"):
         HIASTLoss(normalization="mean")
     with pytest.raises(TypeError, match="floating-point"):

@@ -75,7 +75,7 @@ def _stats(num_samples=20, num_classes=6, seed=0):
 def test_donor_pools_drop_smallest_tenth_like_public():
     stats = _stats()
     pixels = stats.sample_class_pixels
-    for c, pool in enumerate(stats.donor_pools(0.1)):
+    for c, pool in enumerate(stats.donor_pools(drop_fraction=0.1)):
         # Independent computation of the public rule: sort (name, n) by n, drop round(len * 0.1).
         items = [(i, int(pixels[i, c])) for i in range(len(stats)) if pixels[i, c] > 0]
         items = sorted(items, key=lambda t: t[1])
@@ -145,10 +145,10 @@ def test_statistics_add_validation_and_merge():
 def test_sampler_only_draws_hard_classes_from_their_pools():
     stats = _stats(num_samples=40, num_classes=8, seed=1)
     sampler = DonorSampler(stats, num_hard=4, max_donors=3, drop_fraction=0.1)
-    pools = stats.donor_pools(0.1)
+    pools = stats.donor_pools(drop_fraction=0.1)
     g = torch.Generator().manual_seed(0)
     for _ in range(200):
-        draw = sampler.draw(g)
+        draw = sampler.draw(generator=g)
         assert 1 <= len(draw.donors) <= 3
         for c, d in zip(draw.classes.tolist(), draw.donors.tolist(), strict=True):
             assert sampler.hard_mask[c]
@@ -162,7 +162,7 @@ def test_sampler_class_frequencies_follow_probabilities():
     counts = torch.zeros(6)
     n = 4000
     for _ in range(n):
-        counts[int(sampler.draw(g).classes[0])] += 1
+        counts[int(sampler.draw(generator=g).classes[0])] += 1
     expected = sampler.probabilities.float() * n
     assert torch.all((counts - expected).abs() <= 4 * expected.clamp(min=1).sqrt() + 1)
 
@@ -179,22 +179,22 @@ def test_coverage_loop_stops_as_specified():
     # Half of 4 hard classes = 2 → exactly two donors, of two different classes.
     s = DonorSampler(stats, num_hard=4, max_donors=3, min_coverage=0.5, drop_fraction=0.0)
     for _ in range(50):
-        d = s.draw(g)
+        d = s.draw(generator=g)
         assert len(d.classes) == 2 and len(set(d.classes.tolist())) == 2
     # Full coverage wanted but only 3 donors allowed → 3 distinct classes.
     s = DonorSampler(stats, num_hard=4, max_donors=3, min_coverage=1.0, drop_fraction=0.0)
-    d = s.draw(g)
+    d = s.draw(generator=g)
     assert len(d.classes) == 3 and len(set(d.classes.tolist())) == 3
     # max_donors=1 is the public behaviour.
     s = DonorSampler(stats, num_hard=4, max_donors=1, drop_fraction=0.0)
-    assert len(s.draw(g).classes) == 1
+    assert len(s.draw(generator=g).classes) == 1
     # A donor holding every hard class covers the whole set at once.
     pixels2 = torch.full((3, 5), 10, dtype=torch.long)
     stats2 = ClassStatistics(5)
     stats2.add(["a", "b", "c"], pixels2)
     stats2.class_values = stats.class_values
     s = DonorSampler(stats2, num_hard=4, max_donors=3, min_coverage=1.0, drop_fraction=0.0)
-    assert len(s.draw(g).classes) == 1
+    assert len(s.draw(generator=g).classes) == 1
 
 
 def test_hard_class_without_donor_is_skipped_and_absent_classes():
@@ -208,7 +208,7 @@ def test_hard_class_without_donor_is_skipped_and_absent_classes():
     s = DonorSampler(stats, num_hard=3, absent_classes=[4], drop_fraction=0.0)
     assert s.hard_classes.tolist() == [3, 0]
     assert torch.isfinite(s.probabilities).all()
-    batch = s.draw_batch(16, torch.Generator().manual_seed(0))
+    batch = s.draw_batch(16, generator=torch.Generator().manual_seed(0))
     assert set(batch.classes[batch.classes >= 0].tolist()) <= {0, 3}
 
 
@@ -222,8 +222,8 @@ def test_sampler_without_any_hard_class_draws_nothing():
 
 def test_sampler_deterministic_per_seed():
     s = DonorSampler(_stats(num_samples=30, seed=3), num_hard=4)
-    a = s.draw_batch(8, torch.Generator().manual_seed(5))
-    b = s.draw_batch(8, torch.Generator().manual_seed(5))
+    a = s.draw_batch(8, generator=torch.Generator().manual_seed(5))
+    b = s.draw_batch(8, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a.donors, b.donors) and torch.equal(a.classes, b.classes)
 
 
@@ -302,8 +302,10 @@ def test_paste_validation():
     img, lab, dimg, dlab, hard = _paste_inputs("cpu")
     with pytest.raises(ValueError, match="images"):
         hard_paste(img[0], lab, dimg, dlab, hard)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(TypeError, match="labels"):  # a dtype fault: TypeError
         hard_paste(img, lab.float(), dimg, dlab, hard)
+    with pytest.raises(TypeError, match="donor_labels"):
+        hard_paste(img, lab, dimg, dlab.float(), hard)
     with pytest.raises(ValueError, match="donor_images"):
         hard_paste(img, lab, dimg[:, 0], dlab, hard)
     with pytest.raises(ValueError, match="donor_labels"):

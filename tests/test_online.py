@@ -61,8 +61,12 @@ def test_classmix_values_and_module(device):
 
 def test_classmix_validation():
     img, lab = torch.rand(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(TypeError, match="mask"):  # a dtype fault is a TypeError everywhere
         classmix(img, lab, img, lab, torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="mask"):
+        classmix(img, lab, img, lab, torch.zeros(2, 4, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="target_labels"):
+        classmix(img, lab, img, lab.float(), torch.zeros(2, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="same shape"):
         classmix(img, lab, img[:1], lab, torch.zeros(2, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="labels"):

@@ -89,19 +89,46 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_label_map(
+    name: str,
+    labels: object,
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    device: torch.device | None = None,
+    reference: str = "images",
+) -> torch.Tensor:
+    """A per-pixel integer map of ``shape``, on ``device`` (``reference``'s) when given.
+
+    Structural only (dtype → ``TypeError``; shape, device → ``ValueError``), no host read.
+    """
+    t = check_tensor(name, labels)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (int64 or uint8), got dtype {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(
+            f"{name} is on {t.device} but {reference} is on {device}: put them on one device"
+        )
+    return t
+
+
 def check_labels(
     name: str,
     labels: object,
     shape: tuple[int, ...] | torch.Size,
     num_classes: int,
     ignore_index: int,
+    *,
+    device: torch.device | None = None,
+    reference: str = "logits",
 ) -> torch.Tensor:
-    """Labels must be an integer tensor of ``shape`` with values in ``[0, num_classes) ∪ {ignore}``."""
-    t = check_tensor(name, labels)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int64 or uint8), got dtype {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    """Labels must be an integer tensor of ``shape`` with values in ``[0, num_classes) ∪ {ignore}``.
+
+    The device (when given) is checked before the values, so a label tensor on another device
+    fails with both devices named rather than inside the value check.
+    """
+    t = check_label_map(name, labels, shape, device=device, reference=reference)
     if value_checks_enabled() and t.numel() > 0:
         bad = (t != ignore_index) & ((t < 0) | (t >= num_classes))
         if bool(bad.any()):

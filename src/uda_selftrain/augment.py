@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_positive_int, check_tensor, check_unit_interval, value_checks_enabled
+from ._checks import (
+    check_label_map,
+    check_positive_int,
+    check_tensor,
+    check_unit_interval,
+    value_checks_enabled,
+)
 from ._histogram import count
 
 __all__ = [
@@ -296,12 +302,7 @@ def weak_geometry(
         raise ValueError(f"params must hold ({n}, 4) boxes and ({n},) flips")
     out_h, out_w = int(out_size[0]), int(out_size[1])
     for i, m in enumerate(maps):
-        m = check_tensor(f"maps[{i}]", m)
-        if m.is_floating_point() or tuple(m.shape) != (n, h_in, w_in):
-            raise ValueError(
-                f"maps[{i}] must be an integer tensor of shape {(n, h_in, w_in)}, got "
-                f"{tuple(m.shape)} {m.dtype}"
-            )
+        check_label_map(f"maps[{i}]", m, (n, h_in, w_in), device=x.device)
     boxes = params.boxes.tolist()  # CPU parameters: no device sync
     if any(
         t < 0 or x0 < 0 or h < 1 or w < 1 or t + h > h_in or x0 + w > w_in for t, x0, h, w in boxes
@@ -776,7 +777,7 @@ class WeakStrongViews(nn.Module):
         return f"out_size={self.out_size}, num_ops={self.num_ops}"
 
     def draw(
-        self, n: int, in_size: tuple[int, int], generator: torch.Generator | None = None
+        self, n: int, in_size: tuple[int, int], *, generator: torch.Generator | None = None
     ) -> tuple[CropParams, ColourParams]:
         """Draw the geometry and colour parameters of ``n`` samples of size ``in_size``."""
         crop = crop_params(
@@ -803,7 +804,7 @@ class WeakStrongViews(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(x.shape)}")
         check_image_scale("images", x)
-        crop, colour = self.draw(x.shape[0], (x.shape[2], x.shape[3]), generator)
+        crop, colour = self.draw(x.shape[0], (x.shape[2], x.shape[3]), generator=generator)
         weak, out_maps = weak_geometry(x, crop, self.out_size, maps)
         strong = strong_colour(weak, colour)
         return Views(

@@ -304,7 +304,7 @@ class HardAwareAugmenter(nn.Module):
                     f"{torch.nonzero(missing).flatten().tolist()}: set them from the selector "
                     "(stats.class_values = selector.class_values) before update()"
                 )
-            donors = source.has_donor(self.drop_fraction)
+            donors = source.has_donor(drop_fraction=self.drop_fraction)
         elif isinstance(source, torch.Tensor):
             values = source
         elif isinstance(getattr(source, "class_values", None), torch.Tensor):

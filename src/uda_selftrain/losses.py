@@ -48,9 +48,10 @@ Normalization = Literal["reference", "pixel"]
 Region = Literal["ignored", "confident", "all"]
 
 
-def _check_logits(name: str, logits: object) -> torch.Tensor:
+def _check_logits(name: str, logits: object, *, finite: bool = True) -> torch.Tensor:
     t = check_float(name, logits, ndim=4, shape_hint="(N, C, H, W)")
-    check_finite(name, t)
+    if finite:
+        check_finite(name, t)
     return t
 
 
@@ -59,9 +60,7 @@ def _check_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x = _check_logits("logits", logits)
     n, c, h, w = x.shape
-    y = check_labels("labels", labels, (n, h, w), c, ignore_index)
-    if y.device != x.device:
-        raise ValueError(f"labels must be on the logits' device {x.device}, got {y.device}")
+    y = check_labels("labels", labels, (n, h, w), c, ignore_index, device=x.device)
     return x, y
 
 
@@ -76,7 +75,8 @@ def _check_region(name: str, region: str) -> None:
 
 
 def _check_teacher(teacher_logits: object, student: torch.Tensor) -> torch.Tensor:
-    t = _check_logits("teacher_logits", teacher_logits)
+    # Structure and device first: a teacher on another device fails naming both, before a value read.
+    t = _check_logits("teacher_logits", teacher_logits, finite=False)
     if t.shape != student.shape:
         raise ValueError(
             f"teacher_logits must have the student's shape {tuple(student.shape)}, "
@@ -84,8 +84,10 @@ def _check_teacher(teacher_logits: object, student: torch.Tensor) -> torch.Tenso
         )
     if t.device != student.device:
         raise ValueError(
-            f"teacher_logits must be on the student's device {student.device}, got {t.device}"
+            f"teacher_logits is on {t.device} but logits is on {student.device}: put them on one "
+            "device"
         )
+    check_finite("teacher_logits", t)
     return t.detach()
 
 
@@ -95,7 +97,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def region_masks(
-    labels: torch.Tensor, ignore_index: int = 255
+    labels: torch.Tensor, *, ignore_index: int = 255
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Confident (``labels ≠ ignore_index``) and ignored masks, both ``(N, H, W)`` bool.
 
@@ -136,7 +138,7 @@ def pseudo_label_ce(
     1.3863
     """
     x, y = _check_inputs(logits, labels, ignore_index)
-    confident, _ = region_masks(y, ignore_index)
+    confident, _ = region_masks(y, ignore_index=ignore_index)
     logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
     target = torch.where(confident, y, 0).long()
     nll = -logp.gather(1, target[:, None])[:, 0]
@@ -161,7 +163,7 @@ def smoothing_loss(
     _check_norm(normalization)
     x, y = _check_inputs(logits, labels, ignore_index)
     c = x.shape[1]
-    confident, _ = region_masks(y, ignore_index)
+    confident, _ = region_masks(y, ignore_index=ignore_index)
     logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
     per_pixel = -logp.sum(1) / c
     scale = float(c) if normalization == "reference" else 1.0
@@ -187,7 +189,7 @@ def entropy_loss(
     _check_norm(normalization)
     x, y = _check_inputs(logits, labels, ignore_index)
     c = x.shape[1]
-    _, ignored = region_masks(y, ignore_index)
+    _, ignored = region_masks(y, ignore_index=ignore_index)
     logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
     per_pixel = -(logp.exp() * logp).sum(1)
     scale = float(c) if normalization == "reference" else 1.0
@@ -195,7 +197,7 @@ def entropy_loss(
 
 
 def _region_mask(labels: torch.Tensor, region: str, ignore_index: int) -> torch.Tensor:
-    confident, ignored = region_masks(labels, ignore_index)
+    confident, ignored = region_masks(labels, ignore_index=ignore_index)
     if region == "ignored":
         return ignored
     if region == "confident":
@@ -207,8 +209,8 @@ def _region_mask(labels: torch.Tensor, region: str, ignore_index: int) -> torch.
 
 def consistency_loss(
     logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
     labels: torch.Tensor,
+    teacher_logits: torch.Tensor,
     *,
     region: Region = "ignored",
     ignore_index: int = 255,
@@ -221,13 +223,15 @@ def consistency_loss(
 
     Args:
         logits: ``(N, C, H, W)`` student logits.
-        teacher_logits: ``(N, C, H, W)`` teacher logits (detached).
         labels: ``(N, H, W)`` pseudo-labels defining the regions.
+        teacher_logits: ``(N, C, H, W)`` teacher logits (detached).
         region: ``"ignored"``, ``"confident"`` or ``"all"``.
+
+    The argument order is :func:`hiast_loss`'s: logits, labels, teacher logits.
 
     >>> import torch
     >>> y = torch.full((1, 1, 1), 255)
-    >>> round(consistency_loss(torch.zeros(1, 4, 1, 1), torch.zeros(1, 4, 1, 1), y).item(), 4)
+    >>> round(consistency_loss(torch.zeros(1, 4, 1, 1), y, torch.zeros(1, 4, 1, 1)).item(), 4)
     0.3466
     """
     _check_norm(normalization)
@@ -297,7 +301,7 @@ def region_adaptive_loss(
     w_ent = check_weight("entropy_weight", entropy_weight)
     x, y = _check_inputs(logits, labels, ignore_index)
     c = x.shape[1]
-    confident, ignored = region_masks(y, ignore_index)
+    confident, ignored = region_masks(y, ignore_index=ignore_index)
     logp = torch.log_softmax(x.to(_compute_dtype(x)), dim=1)
     scale = float(c) if normalization == "reference" else 1.0
     smoothing = ((-logp.sum(1) / c) * _region_weight(confident, scale, logp.dtype)).sum()
@@ -367,12 +371,12 @@ class ConsistencyLoss(nn.Module):
         normalization: ``"reference"`` (÷ ``C·|R|``) or ``"pixel"`` (÷ ``|R|``).
 
     Shape:
-        logits ``(N, C, H, W)``, teacher_logits ``(N, C, H, W)``, labels ``(N, H, W)`` → scalar.
+        logits ``(N, C, H, W)``, labels ``(N, H, W)``, teacher_logits ``(N, C, H, W)`` → scalar.
 
     >>> import torch
     >>> loss = ConsistencyLoss(region="all")
     >>> x = torch.zeros(1, 4, 2, 2)
-    >>> round(loss(x, torch.zeros(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long)).item(), 4)
+    >>> round(loss(x, torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 4, 2, 2)).item(), 4)
     0.3466
     """
 
@@ -394,12 +398,12 @@ class ConsistencyLoss(nn.Module):
         return f"region={self.region!r}, normalization={self.normalization!r}"
 
     def forward(
-        self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+        self, logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor
     ) -> torch.Tensor:
         return consistency_loss(
             logits,
-            teacher_logits,
             labels,
+            teacher_logits,
             region=self.region,
             ignore_index=self.ignore_index,
             normalization=self.normalization,
@@ -542,7 +546,7 @@ def hiast_loss(
     teacher = None
     if teacher_logits is not None and consistency_weight != 0.0:
         teacher = _check_teacher(teacher_logits, x)
-    confident, ignored = region_masks(y, ignore_index)
+    confident, ignored = region_masks(y, ignore_index=ignore_index)
     scale = float(c) if normalization == "reference" else 1.0
     dtype = _compute_dtype(x)
     w_ce = _region_weight(confident, 1.0, dtype)

@@ -186,7 +186,7 @@ def pixel_accuracy(confusion: torch.Tensor) -> torch.Tensor:
     return cm.diagonal().sum() / cm.sum().clamp(min=1)
 
 
-def miou(confusion: torch.Tensor, classes: tuple[int, ...] | None = None) -> torch.Tensor:
+def miou(confusion: torch.Tensor, *, classes: tuple[int, ...] | None = None) -> torch.Tensor:
     """Mean IoU over ``classes`` (all by default), NaN classes counted as 0 like the papers' tables.
 
     >>> import torch

@@ -26,6 +26,7 @@ from torch import nn
 
 from ._checks import (
     check_float,
+    check_label_map,
     check_positive_int,
     check_tensor,
     check_unit_interval,
@@ -288,7 +289,7 @@ class ClassStatistics:
         out.thresholds = parts[0].thresholds.clone()
         return out
 
-    def donor_pools(self, drop_fraction: float = 0.1) -> list[torch.Tensor]:
+    def donor_pools(self, *, drop_fraction: float = 0.1) -> list[torch.Tensor]:
         """Per class, the int64 indices of the samples that contain it, fewest pixels first, after
         dropping the ``round(drop_fraction · n)`` samples with the fewest pixels of the class.
 
@@ -304,9 +305,9 @@ class ClassStatistics:
             pools.append(idx[round(len(idx) * drop_fraction) :])
         return pools
 
-    def has_donor(self, drop_fraction: float = 0.1) -> torch.Tensor:
+    def has_donor(self, *, drop_fraction: float = 0.1) -> torch.Tensor:
         """``(C,)`` bool: whether a class's donor pool is non-empty."""
-        return torch.tensor([len(p) > 0 for p in self.donor_pools(drop_fraction)])
+        return torch.tensor([len(p) > 0 for p in self.donor_pools(drop_fraction=drop_fraction)])
 
     def difficulty(
         self, *, num_hard: int = 14, absent_classes: Sequence[int] = (), drop_fraction: float = 0.1
@@ -316,7 +317,7 @@ class ClassStatistics:
             self.class_values,
             num_hard=num_hard,
             absent_classes=absent_classes,
-            has_donor=self.has_donor(drop_fraction),
+            has_donor=self.has_donor(drop_fraction=drop_fraction),
         )
 
     def save(self, folder: str | os.PathLike[str]) -> None:
@@ -478,7 +479,7 @@ class DonorSampler:
     >>> stats.add(["a", "b", "c"], torch.tensor([[5, 1, 0], [9, 0, 4], [3, 2, 2]]))
     >>> stats.class_values = torch.tensor([0.95, 0.4, 0.5], dtype=torch.float64)
     >>> sampler = DonorSampler(stats, num_hard=2, drop_fraction=0.0)
-    >>> draw = sampler.draw(torch.Generator().manual_seed(0))
+    >>> draw = sampler.draw(generator=torch.Generator().manual_seed(0))
     >>> draw.donors.numel() >= 1 and set(draw.classes.tolist()) <= {1, 2}
     True
     """
@@ -500,7 +501,7 @@ class DonorSampler:
         self.difficulty = stats.difficulty(
             num_hard=num_hard, absent_classes=absent_classes, drop_fraction=drop_fraction
         )
-        self.pools = stats.donor_pools(drop_fraction)
+        self.pools = stats.donor_pools(drop_fraction=drop_fraction)
         self.hard_mask = self.difficulty.hard_mask.cpu()
         self.probabilities = self.difficulty.probabilities.cpu()
         # Which hard classes each sample would paste, i.e. cover.
@@ -513,7 +514,7 @@ class DonorSampler:
         """``(K',)`` the hard classes, in increasing class value."""
         return self.difficulty.hard_classes
 
-    def draw(self, generator: torch.Generator | None = None) -> DonorDraw:
+    def draw(self, *, generator: torch.Generator | None = None) -> DonorDraw:
         """Draw the donors of one sample; ``(D,)`` tensors with ``0 ≤ D ≤ max_donors``."""
         classes: list[int] = []
         donors: list[int] = []
@@ -535,13 +536,13 @@ class DonorSampler:
             torch.tensor(classes, dtype=torch.int64), torch.tensor(donors, dtype=torch.int64)
         )
 
-    def draw_batch(self, n: int, generator: torch.Generator | None = None) -> DonorDraw:
+    def draw_batch(self, n: int, *, generator: torch.Generator | None = None) -> DonorDraw:
         """Draw for ``n`` samples; ``(n, max_donors)`` tensors padded with -1."""
         check_positive_int("n", n)
         classes = torch.full((n, self.max_donors), -1, dtype=torch.int64)
         donors = torch.full_like(classes, -1)
         for i in range(n):
-            d = self.draw(generator)
+            d = self.draw(generator=generator)
             classes[i, : len(d.classes)] = d.classes
             donors[i, : len(d.donors)] = d.donors
         return DonorDraw(classes, donors)
@@ -606,23 +607,14 @@ def hard_paste(
     if img.dim() != 4:
         raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(img.shape)}")
     n, ch, h, w = img.shape
-    lab = check_tensor("labels", labels)
-    if lab.is_floating_point() or lab.dtype == torch.bool or tuple(lab.shape) != (n, h, w):
-        raise ValueError(
-            f"labels must be an integer tensor of shape {(n, h, w)}, got {tuple(lab.shape)} {lab.dtype}"
-        )
+    lab = check_label_map("labels", labels, (n, h, w), device=img.device)
     dimg = check_tensor("donor_images", donor_images)
     if dimg.dim() != 5 or dimg.shape[0] != n or dimg.shape[2] != ch:
         raise ValueError(
             f"donor_images must have shape ({n}, D, {ch}, H', W'), got {tuple(dimg.shape)}"
         )
     d = dimg.shape[1]
-    dlab = check_tensor("donor_labels", donor_labels)
-    if dlab.is_floating_point() or tuple(dlab.shape) != (n, d, *dimg.shape[-2:]):
-        raise ValueError(
-            f"donor_labels must be an integer tensor of shape {(n, d, *dimg.shape[-2:])}, got "
-            f"{tuple(dlab.shape)} {dlab.dtype}"
-        )
+    dlab = check_label_map("donor_labels", donor_labels, (n, d, *dimg.shape[-2:]))
     hm = check_tensor("hard_mask", hard_mask)
     if hm.dtype != torch.bool or hm.dim() != 1:
         raise TypeError(f"hard_mask must be a (C,) bool tensor, got {tuple(hm.shape)} {hm.dtype}")
@@ -718,7 +710,7 @@ class HardAwarePaste(nn.Module):
 
     hard_mask: torch.Tensor
 
-    def __init__(self, hard_mask: torch.Tensor, ignore_index: int = 255) -> None:
+    def __init__(self, hard_mask: torch.Tensor, *, ignore_index: int = 255) -> None:
         super().__init__()
         if hard_mask.dtype != torch.bool or hard_mask.dim() != 1:
             raise TypeError("hard_mask must be a (C,) bool tensor")
@@ -803,11 +795,14 @@ def paste_views(
     if not isinstance(views, WeakStrongViews):
         raise TypeError(f"views must be a WeakStrongViews, got {type(views).__name__}")
     _check_donor_valid(donor_valid, n, dimg.shape[1])
-    _check_same_images(img, dimg, [check_tensor("labels", labels), dlab])
+    # Named here: weak_geometry would call them maps[0].
+    lab = check_label_map("labels", labels, (n, h, w))
+    check_label_map("donor_labels", dlab, dlab.shape)
+    _check_same_images(img, dimg, [lab, dlab])
     if dimg.shape[-2:] != (h, w):
         dimg, dlab = _resize_donors(dimg, dlab, (h, w))
     d = dimg.shape[1]
-    crop, colour = views.draw(n, (h, w), generator)
+    crop, colour = views.draw(n, (h, w), generator=generator)
     weak, (weak_labels,) = weak_geometry(img, crop, views.out_size, [labels], keep_uint8=True)
     rep = CropParams(crop.boxes.repeat_interleave(d, 0), crop.flips.repeat_interleave(d, 0))
     d_weak, (d_weak_labels,) = weak_geometry(

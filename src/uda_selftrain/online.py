@@ -23,6 +23,7 @@ from torch import nn
 from ._checks import (
     check_finite,
     check_float,
+    check_label_map,
     check_labels,
     check_positive_int,
     check_tensor,
@@ -126,16 +127,18 @@ def classmix(
         )
     n, _, h, w = target_images.shape
     m = check_tensor("mask", mask)
-    if m.dtype != torch.bool or tuple(m.shape) != (n, h, w):
-        raise ValueError(
-            f"mask must be a bool tensor of shape {(n, h, w)}, got {tuple(m.shape)} {m.dtype}"
-        )
-    for name, t in (("source_labels", source_labels), ("target_labels", target_labels)):
-        check_tensor(name, t)
-        if tuple(t.shape) != (n, h, w) or t.is_floating_point():
+    if m.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got dtype {m.dtype}")
+    if tuple(m.shape) != (n, h, w):
+        raise ValueError(f"mask must have shape {(n, h, w)}, got {tuple(m.shape)}")
+    for name, t in (("source_images", source_images), ("mask", m)):
+        if t.device != target_images.device:
             raise ValueError(
-                f"{name} must be an integer tensor of shape {(n, h, w)}, got {tuple(t.shape)}"
+                f"{name} is on {t.device} but target_images is on {target_images.device}: put "
+                "them on one device"
             )
+    for name, t in (("source_labels", source_labels), ("target_labels", target_labels)):
+        check_label_map(name, t, (n, h, w), device=target_images.device, reference="target_images")
     if source_images.dtype != target_images.dtype:
         raise TypeError(
             "source_images and target_images must share a dtype (a uint8/float mix pastes 0-255 "

@@ -845,10 +845,13 @@ class ConstantThresholdSelector(_SelectorState):
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
         _check_scores(scores, self.num_classes)
-        conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
-        return self._record(
-            torch.where(conf >= self.threshold, pred, self.ignore_index), conf, pred
+        sel = select_constant(
+            scores,
+            threshold=self.threshold,
+            probabilities=probabilities,
+            ignore_index=self.ignore_index,
         )
+        return self._record(sel.labels, sel.confidence, sel.prediction)
 
 
 class ArgmaxSelector(_SelectorState):
@@ -885,8 +888,8 @@ class ArgmaxSelector(_SelectorState):
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
         _check_scores(scores, self.num_classes)
-        conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
-        return self._record(pred, conf, pred)
+        sel = select_argmax(scores, probabilities=probabilities)
+        return self._record(sel.labels, sel.confidence, sel.prediction)
 
 
 class CBSTSelector(_SelectorState):

@@ -81,7 +81,7 @@ OXFORD_PALETTE = CITYSCAPES_PALETTE[[13, 11, 18, 5, 10, 6, 7, 2, 0]]
 
 
 def lookup_table(
-    mapping: Mapping[int, int], size: int = 256, ignore_index: int = IGNORE_INDEX
+    mapping: Mapping[int, int], *, size: int = 256, ignore_index: int = IGNORE_INDEX
 ) -> np.ndarray:
     """A ``(size,)`` uint8 table with ``table[k] = mapping.get(k, ignore_index)``.
 
@@ -120,7 +120,7 @@ def map_labels(labels: np.ndarray | torch.Tensor, table: np.ndarray) -> np.ndarr
 
 
 def colorize(
-    labels: np.ndarray | torch.Tensor, palette: np.ndarray = CITYSCAPES_PALETTE
+    labels: np.ndarray | torch.Tensor, *, palette: np.ndarray = CITYSCAPES_PALETTE
 ) -> np.ndarray:
     """RGB image ``(..., H, W, 3)`` uint8 of a train-id map; ignored (and unknown) ids are black.
 
@@ -135,7 +135,7 @@ def colorize(
     return table[np.clip(arr, 0, 255)]
 
 
-def decolorize(rgb: np.ndarray, palette: np.ndarray = CITYSCAPES_PALETTE) -> np.ndarray:
+def decolorize(rgb: np.ndarray, *, palette: np.ndarray = CITYSCAPES_PALETTE) -> np.ndarray:
     """Inverse of :func:`colorize`: ``(..., H, W, 3)`` uint8 → train ids, other colours → 255.
 
     >>> decolorize(colorize(np.array([[3, 255, 18]]))).tolist()

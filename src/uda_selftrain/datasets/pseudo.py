@@ -106,7 +106,7 @@ class PseudoLabelDataset(Dataset):
         if self.sampler is None:
             return item
         g = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & (2**63 - 1))
-        draw = self.sampler.draw(g)
+        draw = self.sampler.draw(generator=g)
         d = self.sampler.max_donors
         h, w = image.shape[1:]
         donor_images = torch.zeros(d, 3, h, w, dtype=torch.uint8)

@@ -104,6 +104,7 @@ class ResNet(nn.Module):
         self,
         block: type[nn.Module],
         layers: Sequence[int],
+        *,
         widths: Sequence[int] = (64, 128, 256, 512),
         stem: int = 64,
     ) -> None:
@@ -152,7 +153,7 @@ class ASPP(nn.Module):
     """DeepLabV2 classifier: parallel dilated 3 × 3 convolutions (with bias), summed."""
 
     def __init__(
-        self, in_channels: int, num_classes: int, dilations: Sequence[int] = (6, 12, 18, 24)
+        self, in_channels: int, num_classes: int, *, dilations: Sequence[int] = (6, 12, 18, 24)
     ) -> None:
         super().__init__()
         self.conv2d_list = nn.ModuleList(
@@ -187,6 +188,7 @@ class DeepLabV2(nn.Module):
         self,
         backbone: ResNet,
         num_classes: int = 19,
+        *,
         dilations: Sequence[int] = (6, 12, 18, 24),
         bn_mode: str = "frozen",
     ) -> None:
@@ -195,7 +197,7 @@ class DeepLabV2(nn.Module):
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
         check_positive_int("num_classes", num_classes)
         self.backbone = backbone
-        self.aspp = ASPP(backbone.out_channels, num_classes, dilations)
+        self.aspp = ASPP(backbone.out_channels, num_classes, dilations=dilations)
         self.num_classes = num_classes
         self.bn_mode = bn_mode
         if bn_mode in ("frozen", "public"):
@@ -228,7 +230,7 @@ class DeepLabV2(nn.Module):
         out = self.logits(x)
         return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def parameter_groups(self, lr: float, head_multiplier: float = 10.0) -> list[dict]:
+    def parameter_groups(self, lr: float, *, head_multiplier: float = 10.0) -> list[dict]:
         """Optimiser groups: backbone at ``lr``, the head at ``lr × head_multiplier`` (method §1.3)."""
         return [
             {

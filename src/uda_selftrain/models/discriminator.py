@@ -23,7 +23,7 @@ class FCDiscriminator(nn.Module):
     torch.Size([2, 1, 2, 4])
     """
 
-    def __init__(self, num_classes: int, ndf: int = 64) -> None:
+    def __init__(self, num_classes: int, *, ndf: int = 64) -> None:
         super().__init__()
         check_positive_int("num_classes", num_classes)
         check_positive_int("ndf", ndf)
