@@ -854,3 +854,29 @@ def test_paste_views_names_the_labels_not_maps():
     assert "maps" not in str(info.value)
     with pytest.raises(TypeError, match="donor_labels"):
         ust.paste_views(*args[:1], args[3][:, 0], args[2], args[3].float(), args[4], views=views)
+
+
+# One ignore_index check everywhere: an int, and not a class index when the classes are known.
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("hiast_loss", lambda ii: ust.hiast_loss(_x(), _y(), _x(), ignore_index=ii)),
+        ("pseudo_label_ce", lambda ii: ust.pseudo_label_ce(_x(), _y(), ignore_index=ii)),
+        ("RegionAdaptiveLoss", lambda ii: ust.RegionAdaptiveLoss(ignore_index=ii)(_x(), _y())),
+        ("confusion_matrix", lambda ii: ust.confusion_matrix(_y(), _y(), 4, ignore_index=ii)),
+        ("ConfusionMatrix", lambda ii: ust.ConfusionMatrix(4, ignore_index=ii)),
+        ("InstanceAdaptiveSelector", lambda ii: ust.InstanceAdaptiveSelector(4, ignore_index=ii)),
+        ("classmix_masks", lambda ii: ust.classmix_masks(_y(), 4, ignore_index=ii)),
+    ],
+)
+def test_ignore_index_checked_once_everywhere(name, make):
+    with pytest.raises(TypeError, match="ignore_index"):
+        make(255.0)
+    with pytest.raises(ValueError, match="ignore_index"):
+        make(1)  # a class index
+    make(-1)  # outside [0, C): a valid ignore index
+
+
+def test_region_masks_checks_ignore_index_type():
+    with pytest.raises(TypeError, match="ignore_index"):
+        ust.region_masks(_y(), ignore_index=True)

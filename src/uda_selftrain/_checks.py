@@ -89,6 +89,17 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def check_ignore_index(ignore_index: object, num_classes: int | None = None) -> int:
+    """The one check of ``ignore_index``: an int, and not a class index in ``[0, num_classes)``."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if num_classes is not None and 0 <= ignore_index < num_classes:
+        raise ValueError(
+            f"ignore_index must not be a class index in [0, {num_classes}), got {ignore_index}"
+        )
+    return ignore_index
+
+
 def check_label_map(
     name: str,
     labels: object,
@@ -128,6 +139,7 @@ def check_labels(
     The device (when given) is checked before the values, so a label tensor on another device
     fails with both devices named rather than inside the value check.
     """
+    check_ignore_index(ignore_index, num_classes)
     t = check_label_map(name, labels, shape, device=device, reference=reference)
     if value_checks_enabled() and t.numel() > 0:
         bad = (t != ignore_index) & ((t < 0) | (t >= num_classes))

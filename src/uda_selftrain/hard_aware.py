@@ -27,7 +27,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_labels, check_positive_int, check_tensor, check_unit_interval
+from ._checks import (
+    check_ignore_index,
+    check_labels,
+    check_positive_int,
+    check_tensor,
+    check_unit_interval,
+)
 from .augment import IMAGENET_MEAN, IMAGENET_STD, ColourParams, CropParams, WeakStrongViews
 from .mixing import ClassStatistics, DonorSampler, class_difficulty, paste_views
 
@@ -248,7 +254,7 @@ class HardAwareAugmenter(nn.Module):
         self.max_donors = check_positive_int("max_donors", max_donors)
         self.min_coverage = check_unit_interval("min_coverage", min_coverage)
         self.drop_fraction = check_unit_interval("drop_fraction", drop_fraction, open_high=True)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index, num_classes)
         self.views = WeakStrongViews(out_size, mean=mean, std=std, **view_options)  # type: ignore[arg-type]
         c = num_classes
         self.register_buffer("class_values", torch.zeros(c, dtype=torch.float64))

@@ -27,7 +27,14 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from ._checks import check_finite, check_float, check_labels, check_tensor, check_weight
+from ._checks import (
+    check_finite,
+    check_float,
+    check_ignore_index,
+    check_labels,
+    check_tensor,
+    check_weight,
+)
 
 __all__ = [
     "ConsistencyLoss",
@@ -106,6 +113,7 @@ def region_masks(
     >>> conf.tolist(), ign.tolist()
     ([[[True, False]]], [[[False, True]]])
     """
+    check_ignore_index(ignore_index)
     t = check_tensor("labels", labels)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {t.dtype}")
@@ -341,7 +349,7 @@ class RegionAdaptiveLoss(nn.Module):
         _check_norm(normalization)
         self.smoothing_weight = check_weight("smoothing_weight", smoothing_weight)
         self.entropy_weight = check_weight("entropy_weight", entropy_weight)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.normalization: Normalization = normalization
 
     def extra_repr(self) -> str:
@@ -391,7 +399,7 @@ class ConsistencyLoss(nn.Module):
         _check_region("region", region)
         _check_norm(normalization)
         self.region: Region = region
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.normalization: Normalization = normalization
 
     def extra_repr(self) -> str:
@@ -617,7 +625,7 @@ class HIASTLoss(nn.Module):
         self.consistency = ConsistencyLoss(
             region=consistency_region, ignore_index=ignore_index, normalization=normalization
         )
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index)
         self.normalization: Normalization = normalization
 
     def extra_repr(self) -> str:

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, check_tensor, value_checks_enabled
+from ._checks import check_ignore_index, check_positive_int, check_tensor, value_checks_enabled
 from ._histogram import count
 from .distributed import all_reduce_sum
 
@@ -113,6 +113,7 @@ def confusion_matrix(
     [[1, 0, 0], [0, 0, 1]]
     """
     c = check_positive_int("num_classes", num_classes)
+    check_ignore_index(ignore_index, c)
     if out_of_range not in ("error", "wrong"):
         raise ValueError(f"out_of_range must be 'error' or 'wrong', got {out_of_range!r}")
     p = check_tensor("prediction", prediction)
@@ -284,7 +285,7 @@ class ConfusionMatrix(nn.Module):
         self.num_classes = check_positive_int("num_classes", num_classes)
         if out_of_range not in ("error", "wrong"):
             raise ValueError(f"out_of_range must be 'error' or 'wrong', got {out_of_range!r}")
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index, self.num_classes)
         self.out_of_range: OutOfRange = out_of_range
         self.sync = bool(sync)
         cols = num_classes + (out_of_range == "wrong")

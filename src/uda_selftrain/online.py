@@ -23,6 +23,7 @@ from torch import nn
 from ._checks import (
     check_finite,
     check_float,
+    check_ignore_index,
     check_label_map,
     check_labels,
     check_positive_int,
@@ -173,7 +174,7 @@ class ClassMix(nn.Module):
     def __init__(self, num_classes: int, *, ignore_index: int = 255) -> None:
         super().__init__()
         self.num_classes = check_positive_int("num_classes", num_classes)
-        self.ignore_index = int(ignore_index)
+        self.ignore_index = check_ignore_index(ignore_index, self.num_classes)
 
     def forward(
         self,

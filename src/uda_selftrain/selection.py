@@ -25,6 +25,7 @@ from torch import nn
 from ._checks import (
     check_finite,
     check_float,
+    check_ignore_index,
     check_positive_int,
     check_tensor,
     check_unit_interval,
@@ -576,7 +577,7 @@ class _SelectorState(nn.Module):
         self.class_value_momentum = check_unit_interval(
             "class_value_momentum", class_value_momentum
         )
-        self.ignore_index = _check_ignore_index(ignore_index, num_classes)
+        self.ignore_index = check_ignore_index(ignore_index, num_classes)
         self.sync = bool(sync)
         self._initial_threshold = float(initial_threshold)
         self.register_buffer("thresholds", torch.full((num_classes,), self._initial_threshold))
@@ -632,16 +633,6 @@ class _SelectorState(nn.Module):
         for i in range(n):
             self._update_class_values(counts[i], sums[i], sync)
         return Selection(labels, confidence, prediction, counts[: labels.shape[0]])
-
-
-def _check_ignore_index(ignore_index: object, num_classes: int) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if 0 <= ignore_index < num_classes:
-        raise ValueError(
-            f"ignore_index must not be a class index in [0, {num_classes}), got {ignore_index}"
-        )
-    return ignore_index
 
 
 class InstanceAdaptiveSelector(_SelectorState):
