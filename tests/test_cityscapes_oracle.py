@@ -87,5 +87,5 @@ def test_miou_matches_the_official_pixel_level_evaluation(tmp_path):
     for t, name in enumerate(CITYSCAPES_CLASSES):
         want = official["classScores"][name]
         assert not math.isnan(want)
-        assert ours["iou"][t] == pytest.approx(want, abs=1e-9), name
-    assert ours["miou"] == pytest.approx(official["averageScoreClasses"], abs=1e-9)
+        assert ours.iou[t] == pytest.approx(want, abs=1e-9), name
+    assert ours.miou == pytest.approx(official["averageScoreClasses"], abs=1e-9)

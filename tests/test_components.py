@@ -362,10 +362,10 @@ def test_confusion_matrix_never_clamps_predictions():
     prediction[0] = 18
     cm = ust.confusion_matrix(prediction, target, 19, out_of_range="wrong")
     assert ust.pixel_accuracy(cm).item() == 0.5
-    assert ust.protocol_scores(cm, "cityscapes19")["iou"][18] == 0.5
+    assert ust.protocol_scores(cm, "cityscapes19").iou[18] == 0.5
     meter = ust.ConfusionMatrix(19, out_of_range="wrong")
     meter.update(prediction, target)
-    assert meter.scores("cityscapes19")["iou"][18] == 0.5
+    assert meter.scores("cityscapes19").iou[18] == 0.5
     with pytest.raises(ValueError, match="unknown protocol"):
         ust.protocol_scores(cm, "cityscape19")
 

@@ -47,16 +47,16 @@ def test_synthia_protocols():
     # papers' form: mean over 19 × 19/16 with the absent three zeroed
     rescaled = iou.clone()
     rescaled[[9, 14, 16]] = 0
-    assert s16["miou"] == pytest.approx(float(rescaled.mean() * 19 / 16))
+    assert s16.miou == pytest.approx(float(rescaled.mean() * 19 / 16))
     r13 = rescaled.clone()
     r13[[3, 4, 5]] = 0
-    assert protocol_scores(cm, "synthia13")["miou"] == pytest.approx(float(r13.mean() * 19 / 13))
-    assert len(s16["iou"]) == 16
+    assert protocol_scores(cm, "synthia13").miou == pytest.approx(float(r13.mean() * 19 / 13))
+    assert len(s16.iou) == 16
     # strict: a terrain GT pixel predicted as road no longer hurts road's IoU
     cm2 = torch.diag(torch.full((19,), 10)).long()
     cm2[9, 0] = 10
     loose, strict = protocol_scores(cm2, "synthia16"), protocol_scores(cm2, "synthia16_strict")
-    assert strict["miou"] == pytest.approx(1.0) and loose["miou"] < 1.0
+    assert strict.miou == pytest.approx(1.0) and loose.miou < 1.0
     with pytest.raises(ValueError, match="9x9"):
         protocol_scores(cm, "oxford9")
 
@@ -66,7 +66,7 @@ def test_accumulator_and_errors(device):
     cm.update(torch.tensor([0, 1, 2], device=device), torch.tensor([0, 1, 1], device=device))
     cm.update(torch.tensor([[2]], device=device), torch.tensor([[255]], device=device))
     assert cm.compute().sum().item() == 3
-    assert cm.scores()["pixel_accuracy"] == pytest.approx(2 / 3)
+    assert cm.scores().pixel_accuracy == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="shape"):
         confusion_matrix(torch.tensor([0, 1]), torch.tensor([0]), 2)
     with pytest.raises(TypeError, match="integer"):

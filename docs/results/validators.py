@@ -72,18 +72,11 @@ def protocol_of(cfg: Config) -> Protocol | str:
     return cfg.protocol
 
 
-@torch.no_grad()
-def true_scores(model: torch.nn.Module, val: Any, cfg: Config, batch: int = 10) -> dict[str, Any]:
-    """mIoU on the labelled validation split (logits at the label size, as the pipeline scores)."""
-    model.eval()
-    cm = ust.ConfusionMatrix(cfg.num_classes)
-    for start in range(0, len(val), batch):
-        items = [val[i] for i in range(start, min(start + batch, len(val)))]
-        images = torch.stack([it["image"] for it in items])
-        labels = torch.stack([it["label"] for it in items]).long()
-        probs = ust.predict_probabilities(model, images)
-        cm.update(probs.argmax(1), labels)
-    return cm.scores(protocol_of(cfg))
+def true_scores(model: torch.nn.Module, val: Any, cfg: Config) -> dict[str, Any]:
+    """mIoU on the labelled validation split, with the library's evaluation (as the pipeline)."""
+    return ust.evaluate_segmentation(
+        model, val, cfg.num_classes, protocol=protocol_of(cfg)
+    ).to_dict()
 
 
 def score_seed(seed_dir: Path, images: int) -> dict[str, Any]:

@@ -66,6 +66,7 @@ from .masking import (
 from .metrics import (
     PROTOCOLS,
     ConfusionMatrix,
+    ProtocolScores,
     confusion_matrix,
     get_protocol,
     iou_from_confusion,
@@ -181,6 +182,7 @@ __all__ = [
     "OnlineTargets",
     "PasteResult",
     "PredictionEntropy",
+    "ProtocolScores",
     "PseudoLabelDiagnostics",
     "RareClassDraw",
     "RareClassSampler",

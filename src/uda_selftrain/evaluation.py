@@ -175,9 +175,5 @@ def evaluate_segmentation(
         else meter.scores(Protocol("all", c, tuple(range(c))))
     )
     return SegmentationScores(
-        float(scores["miou"]),
-        list(scores["iou"]),
-        list(scores["classes"]),
-        float(scores["pixel_accuracy"]),
-        confusion,
+        scores.miou, scores.iou, scores.classes, scores.pixel_accuracy, confusion
     )

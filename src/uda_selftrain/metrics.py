@@ -18,7 +18,7 @@ style). Protocols (method §6):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ __all__ = [
     "PROTOCOLS",
     "ConfusionMatrix",
     "Protocol",
+    "ProtocolScores",
     "confusion_matrix",
     "get_protocol",
     "iou_from_confusion",
@@ -227,15 +228,29 @@ def get_protocol(protocol: str | Protocol) -> Protocol:
         ) from None
 
 
-def protocol_scores(confusion: torch.Tensor, protocol: str | Protocol) -> dict[str, object]:
+class ProtocolScores(NamedTuple):
+    """Scores under a protocol: ``miou`` (float in ``[0, 1]``), ``iou`` (per class, in the
+    protocol's class order), ``classes`` (those class indices) and ``pixel_accuracy``."""
+
+    miou: float
+    iou: list[float]
+    classes: list[int]
+    pixel_accuracy: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able scores."""
+        return self._asdict()
+
+
+def protocol_scores(confusion: torch.Tensor, protocol: str | Protocol) -> ProtocolScores:
     """Scores of a confusion matrix under a named protocol (see the module docstring).
 
-    Returns a dict with ``miou`` (float), ``iou`` (per-class list over the protocol's classes),
-    ``classes`` and ``pixel_accuracy``.
+    Returns a :class:`ProtocolScores` (named fields ``miou``, ``iou``, ``classes``,
+    ``pixel_accuracy``; ``.to_dict()`` for JSON).
 
     >>> import torch
     >>> cm = torch.eye(19, dtype=torch.long) * 10
-    >>> protocol_scores(cm, "synthia13")["miou"]
+    >>> protocol_scores(cm, "synthia13").miou
     1.0
     """
     proto = get_protocol(protocol)
@@ -251,12 +266,12 @@ def protocol_scores(confusion: torch.Tensor, protocol: str | Protocol) -> dict[s
         keep[list(proto.classes)] = True
         cm = cm * keep[:, None]
     iou = torch.nan_to_num(iou_from_confusion(cm), nan=0.0)[list(proto.classes)]
-    return {
-        "miou": float(iou.mean()),
-        "iou": [float(v) for v in iou],
-        "classes": list(proto.classes),
-        "pixel_accuracy": float(pixel_accuracy(cm)),
-    }
+    return ProtocolScores(
+        float(iou.mean()),
+        [float(v) for v in iou],
+        list(proto.classes),
+        float(pixel_accuracy(cm)),
+    )
 
 
 class ConfusionMatrix(nn.Module):
@@ -267,7 +282,7 @@ class ConfusionMatrix(nn.Module):
     >>> cm.update(torch.tensor([[0, 1]]), torch.tensor([[0, 0]]))
     >>> cm.compute().tolist()
     [[1, 1], [0, 0]]
-    >>> round(cm.scores()["miou"], 3)
+    >>> round(cm.scores().miou, 3)
     0.25
     """
 
@@ -313,7 +328,7 @@ class ConfusionMatrix(nn.Module):
         """The matrix summed over ranks (this rank's when ``sync=False`` or without a group)."""
         return all_reduce_sum(self.matrix) if self.sync else self.matrix.clone()
 
-    def scores(self, protocol: str | Protocol | None = None) -> dict[str, object]:
+    def scores(self, protocol: str | Protocol | None = None) -> ProtocolScores:
         """Scores under ``protocol``; without one, the plain mean over all ``C`` classes (no
         SYNTHIA-16/13 or Oxford-9 convention: name the protocol to report a paper's number)."""
         if protocol is None:
