@@ -299,20 +299,22 @@ def hiast_step(
             views=views,
             generator=gen,
         )
+        view_labels, pasted = v.labels, v.pasted
     else:
         v = views(images, [labels], generator=gen)
+        (view_labels,), pasted = v.maps, None
     logits = net(v.strong)  # the student sees the strong view
     teacher_logits = None
     if cfg.consistency:
         with torch.no_grad():
             teacher_logits = teacher(v.weak).float()  # the teacher the weak one
     if ramp == 1.0:
-        out = loss_fn(logits.float(), v.maps[0].long(), teacher_logits)
+        out = loss_fn(logits.float(), view_labels.long(), teacher_logits)
     else:
         reg = loss_fn.regularisation
         out = ust.hiast_loss(
             logits.float(),
-            v.maps[0].long(),
+            view_labels.long(),
             teacher_logits,
             ce_weight=loss_fn.ce_weight,
             smoothing_weight=ramp * reg.smoothing_weight,
@@ -320,7 +322,7 @@ def hiast_step(
             consistency_weight=ramp * loss_fn.consistency_weight,
             consistency_region=loss_fn.consistency.region,
         )
-    return out, (v.maps[1] if hard_mask is not None else None)
+    return out, pasted
 
 
 def rampup(it: int, length: int) -> float:

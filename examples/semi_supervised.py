@@ -77,7 +77,7 @@ def unlabelled_loss(model, teacher, selector, views, loss_fn, images, pseudo, cf
     )
     with torch.no_grad():
         teacher_logits = teacher(v.weak)
-    return loss_fn(model(v.strong), v.maps[0].long(), teacher_logits).total
+    return loss_fn(model(v.strong), v.labels.long(), teacher_logits).total
 
 
 def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, desc: str) -> float:

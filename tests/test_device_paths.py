@@ -117,7 +117,7 @@ def test_training_step_primitives_have_no_stray_host_tensors():
         v = paste_views(
             img8, lab, img8.unsqueeze(1), lab.unsqueeze(1), hard, views=views, generator=gen()
         )
-        assert all(t.device == meta for t in (v.weak, v.strong, *v.maps))
+        assert all(t.device == meta for t in (v.weak, v.strong, v.labels, v.pasted))
         strong = strong_colour(
             torch.empty(2, 3, 16, 32, device=meta), colour_params(2, generator=gen())
         )

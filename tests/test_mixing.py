@@ -339,9 +339,9 @@ def test_paste_views_equals_paste_after_shared_geometry(device):
         got = denormalize(out.weak).permute(1, 0, 2, 3)[:, m]
         if k == 1:
             torch.testing.assert_close(got, dw.permute(1, 0, 2, 3)[:, m], atol=1e-5, rtol=0)
-    assert torch.equal(out.maps[0], ref_lab)
-    pasted = out.maps[1]
-    assert torch.equal(pasted[pasted != 255], out.maps[0][pasted != 255])
+    assert torch.equal(out.labels, ref_lab)
+    pasted = out.pasted
+    assert torch.equal(pasted[pasted != 255], out.labels[pasted != 255])
 
 
 def test_paste_views_donors_of_another_size():
@@ -351,7 +351,7 @@ def test_paste_views_donors_of_another_size():
     dimg = torch.rand(2, 1, 3, 16, 32)
     dlab = torch.randint(0, 6, (2, 1, 16, 32))
     out = paste_views(img, lab, dimg, dlab, hard, views=WeakStrongViews((8, 16)))
-    assert out.weak.shape == (2, 3, 8, 16) and out.maps[1].shape == (2, 8, 16)
+    assert out.weak.shape == (2, 3, 8, 16) and out.pasted.shape == (2, 8, 16)
 
 
 def test_atomic_files_get_default_permissions(tmp_path):

@@ -22,7 +22,6 @@ Donors come from one of two places:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,33 +33,13 @@ from ._checks import (
     check_tensor,
     check_unit_interval,
 )
-from .augment import IMAGENET_MEAN, IMAGENET_STD, ColourParams, CropParams, WeakStrongViews
-from .mixing import ClassStatistics, DonorSampler, class_difficulty, paste_views
+from .augment import IMAGENET_MEAN, IMAGENET_STD, WeakStrongViews
+from .mixing import ClassStatistics, DonorSampler, HardAwareViews, class_difficulty, paste_views
 
 __all__ = ["HardAwareAugmenter", "HardAwareViews", "batch_donors", "hard_aware_augment"]
 
 #: The published setting pastes K = 14 hard classes of C = 19; other class counts scale it.
 _PAPER_HARD_FRACTION = 14 / 19
-
-
-class HardAwareViews(NamedTuple):
-    """Output of :func:`hard_aware_augment` / :class:`HardAwareAugmenter`.
-
-    Attributes:
-        weak: ``(N, 3, h, w)`` normalised weak view (teacher input).
-        strong: ``(N, 3, h, w)`` normalised strong view (student input), same geometry.
-        labels: ``(N, h, w)`` pseudo-labels after the paste (labels' dtype).
-        pasted: ``(N, h, w)`` pasted class per pixel, ``ignore_index`` where nothing was pasted.
-        crop: the :class:`~uda_selftrain.augment.CropParams` used.
-        colour: the :class:`~uda_selftrain.augment.ColourParams` used.
-    """
-
-    weak: torch.Tensor
-    strong: torch.Tensor
-    labels: torch.Tensor
-    pasted: torch.Tensor
-    crop: CropParams
-    colour: ColourParams
 
 
 def batch_donors(
@@ -161,7 +140,7 @@ def hard_aware_augment(
         if donor_valid is not None:
             raise ValueError("donor_valid needs donor_images and donor_labels")
         donor_images, donor_labels, donor_valid = batch_donors(images, labels, generator=generator)
-    v = paste_views(
+    return paste_views(
         images,
         labels,
         donor_images,
@@ -172,7 +151,6 @@ def hard_aware_augment(
         generator=generator,
         ignore_index=ignore_index,
     )
-    return HardAwareViews(v.weak, v.strong, v.maps[0], v.maps[1], v.crop, v.colour)
 
 
 class HardAwareAugmenter(nn.Module):

@@ -34,8 +34,8 @@ from ._checks import (
 )
 from .atomic import atomic_save_json, atomic_save_npy
 from .augment import (
+    ColourParams,
     CropParams,
-    Views,
     WeakStrongViews,
     _normalize_,
     _to_unit,
@@ -50,6 +50,7 @@ __all__ = [
     "DonorDraw",
     "DonorSampler",
     "HardAwarePaste",
+    "HardAwareViews",
     "PasteResult",
     "class_difficulty",
     "hard_paste",
@@ -736,6 +737,27 @@ class HardAwarePaste(nn.Module):
         )
 
 
+class HardAwareViews(NamedTuple):
+    """Output of :func:`paste_views`, :func:`~uda_selftrain.hard_aware.hard_aware_augment` and
+    :class:`~uda_selftrain.hard_aware.HardAwareAugmenter`.
+
+    Attributes:
+        weak: ``(N, 3, h, w)`` normalised weak view (teacher input).
+        strong: ``(N, 3, h, w)`` normalised strong view (student input), same geometry.
+        labels: ``(N, h, w)`` pseudo-labels after the paste (labels' dtype).
+        pasted: ``(N, h, w)`` pasted class per pixel, ``ignore_index`` where nothing was pasted.
+        crop: the :class:`~uda_selftrain.augment.CropParams` used.
+        colour: the :class:`~uda_selftrain.augment.ColourParams` used.
+    """
+
+    weak: torch.Tensor
+    strong: torch.Tensor
+    labels: torch.Tensor
+    pasted: torch.Tensor
+    crop: CropParams
+    colour: ColourParams
+
+
 def paste_views(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -747,7 +769,7 @@ def paste_views(
     views: WeakStrongViews,
     generator: torch.Generator | None = None,
     ignore_index: int = 255,
-) -> Views:
+) -> HardAwareViews:
     """HPLA and the two views in one call, in the order that does the least work.
 
     Mathematically ``views(hard_paste(...))``: the receivers and their donors go through the
@@ -769,8 +791,8 @@ def paste_views(
         generator: draws the views' randomness.
 
     Returns:
-        :class:`~uda_selftrain.augment.Views` whose ``maps`` are ``[labels, pasted]`` (the mixed
-        pseudo-labels and the pasted class per pixel, ``ignore_index`` elsewhere).
+        :class:`HardAwareViews`: the views, the mixed pseudo-labels ``labels`` and the pasted
+        class per pixel ``pasted`` (``ignore_index`` elsewhere), all in the weak geometry.
 
     >>> import torch
     >>> from uda_selftrain.augment import WeakStrongViews
@@ -778,7 +800,7 @@ def paste_views(
     ...                   torch.rand(2, 1, 3, 32, 64), torch.ones(2, 1, 32, 64, dtype=torch.long),
     ...                   torch.tensor([False, True]), views=WeakStrongViews((16, 32)),
     ...                   generator=torch.Generator().manual_seed(0))
-    >>> out.maps[0].unique().tolist(), out.maps[1].unique().tolist(), out.strong.shape
+    >>> out.labels.unique().tolist(), out.pasted.unique().tolist(), out.strong.shape
     ([1], [1], torch.Size([2, 3, 16, 32]))
     """
     img = check_tensor("images", images)
@@ -820,10 +842,11 @@ def paste_views(
     )
     weak = _to_unit(mixed.images)
     strong = strong_colour(weak, colour)
-    return Views(
+    return HardAwareViews(
         _normalize_(weak, views.mean, views.std),
         _normalize_(strong, views.mean, views.std),
-        [mixed.labels, mixed.pasted],
+        mixed.labels,
+        mixed.pasted,
         crop,
         colour,
     )
