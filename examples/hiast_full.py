@@ -122,7 +122,7 @@ def train_source(
     amp = Amp(cfg, device)
     parts: dict[str, Any] = {"model": model, "optimizer": opt, "scheduler": sched}
     if adversarial:
-        disc = wrap_ddp(FCDiscriminator(cfg.num_classes, cfg.disc_width).to(device), device)
+        disc = wrap_ddp(FCDiscriminator(cfg.num_classes, ndf=cfg.disc_width).to(device), device)
         disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.9, 0.99))
         parts.update(disc=unwrap_model(disc), disc_optimizer=disc_opt)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + (2 if adversarial else 1) * 1000 + rank())
