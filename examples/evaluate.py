@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from _pipeline_utils import PRESETS, Config, build_model, build_val, class_names, init_distributed
+from pipeline import RunError
+from pipeline.config import PRESETS, Config
+from pipeline.data import build_val, class_names
+from pipeline.training import build_model, init_distributed
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_save_json
@@ -56,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     values = dict(PRESETS[args.preset])
     if args.data_dir:
@@ -114,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except RunError as err:  # a problem the user can fix: the message, no traceback
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -29,200 +29,51 @@ Ablations from the command line: ``--selector {ias,constant,argmax,cbst}``, ``--
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sys
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from _collapse_guard import GUARDS, guard_round
-from _model_selection import SELECT_CHOICES, rounds_since_pick, select_after_round
-from _pipeline_utils import (
+from pipeline import RunError
+from pipeline.collapse import act_on_collapse, diagnose_round, source_prior
+from pipeline.config import Config, check_options, config_dict, parse_args
+from pipeline.data import batch_stream, build_data, class_names, epoch_of
+from pipeline.experiments import ablation, run_seeds
+from pipeline.progress import progress
+from pipeline.report import write_report
+from pipeline.runs import MetricsLog, check_run_config, load_weights, resume_finished_stage
+from pipeline.selection import select_round, selected_model, stop_early
+from pipeline.source import source_ce, start_model
+from pipeline.stages import StageCost, StageRun, stage_eval
+from pipeline.training import (
     Amp,
-    Config,
-    IterationBatches,
-    MetricsLog,
-    StageCost,
-    StageRun,
-    barrier,
-    build_data,
     build_model,
-    check_run_config,
-    class_names,
-    config_dict,
-    epoch_of,
-    evaluate,
+    build_selector,
     init_distributed,
-    load_weights,
-    loader,
     make_optimizer,
     micro_batches,
-    parse_args,
-    progress,
-    resume_finished_stage,
     seed_everything,
-    seed_table,
-    source_batch,
     wrap_ddp,
-    write_report,
 )
 from torch import nn
 from torch.utils.data import Dataset
 
 import uda_selftrain as ust
-from uda_selftrain.atomic import atomic_save_json, atomic_torch_save
-from uda_selftrain.datasets import (
-    PseudoLabelDataset,
-)
-from uda_selftrain.distributed import (
-    all_reduce_sum,
-    is_main_process,
-    rank,
-    world_size,
-)
-from uda_selftrain.mixing import ClassStatistics, DonorSampler, paste_views
-from uda_selftrain.models import (
-    FCDiscriminator,
-    load_backbone,
-    load_checkpoint,
-)
+from uda_selftrain.atomic import atomic_torch_save
+from uda_selftrain.datasets import PseudoLabelDataset
+from uda_selftrain.distributed import all_reduce_sum, is_main_process, rank, world_size
+from uda_selftrain.mixing import ClassStatistics
 from uda_selftrain.teacher import unwrap_model
 
-# ---------------------------------------------------------------------------------------------
-# Stage 1 and 2: source-only and adversarial warm-up
-# ---------------------------------------------------------------------------------------------
-
-
-def train_source(
-    cfg: Config,
-    stage_dir: Path,
-    model: nn.Module,
-    source: Dataset,
-    target: Dataset | None,
-    device: torch.device,
-    log: MetricsLog,
-    *,
-    adversarial: bool,
-) -> None:
-    """Source CE training; with ``adversarial``, plus output-space alignment to the target."""
-    if (stage_dir / "model.pt").is_file():
-        unwrap_model(model).load_state_dict(load_weights(stage_dir / "model.pt", device))
-        resume_finished_stage(stage_dir)
-        return
-    name = "warmup" if adversarial else "source_only"
-    total = cfg.warmup_iters if adversarial else cfg.source_iters
-    net = wrap_ddp(model, device)
-    opt, sched = make_optimizer(model, cfg.warmup_lr if adversarial else cfg.source_lr, cfg, total)
-    amp = Amp(cfg, device)
-    parts: dict[str, Any] = {"model": model, "optimizer": opt, "scheduler": sched}
-    if adversarial:
-        disc = wrap_ddp(FCDiscriminator(cfg.num_classes, ndf=cfg.disc_width).to(device), device)
-        disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.9, 0.99))
-        parts.update(disc=unwrap_model(disc), disc_optimizer=disc_opt)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + (2 if adversarial else 1) * 1000 + rank())
-    run = StageRun(stage_dir, name, total, cfg, log, device, gen, scaler=amp.scaler, **parts)
-    src_iter = batch_stream(source, cfg, total, run.start, cfg.seed + 1)
-    if adversarial:
-        tgt_iter = batch_stream(target, cfg, total, run.start, cfg.seed + 2)
-    net.train()
-    a = cfg.accumulate
-    for it in run.iterations():
-        opt.zero_grad(set_to_none=True)
-        if adversarial:
-            disc_opt.zero_grad(set_to_none=True)
-            targets = micro_batches(next(tgt_iter), a)
-        for part, batch in enumerate(micro_batches(next(src_iter), a)):
-            x, y = source_batch(batch, cfg, device, gen)
-            with amp.autocast():
-                out = net(x)
-                loss = F.cross_entropy(out.float(), y, ignore_index=255)
-                adv = torch.zeros((), device=device)
-                if adversarial:
-                    adv, pt = _fool_disc(net, disc, targets[part], cfg, device, gen)
-                    loss = loss + cfg.adv_weight * adv
-            amp.backward(loss / a)
-            if adversarial:  # D learns source 0, target 1
-                ps = F.softmax(out.detach().float(), dim=1)
-                d_loss = _adv_loss(disc(ps), 0.0, cfg) + _adv_loss(disc(pt.detach()), 1.0, cfg)
-                (0.5 * d_loss / a).backward()
-        amp.step(opt)
-        sched.step()
-        if adversarial:
-            disc_opt.step()
-        run.step_done(it, sched.get_last_lr()[0], loss=loss, adv=adv)
-    run.finish({"model.pt": unwrap_model(model).state_dict()})
-
-
-def batch_stream(dataset: Any, cfg: Config, total: int, start: int, seed: int) -> Iterator[Any]:
-    """A stage's deterministic, resumable batches from iteration ``start`` on."""
-    batches = IterationBatches(len(dataset), cfg.batch_size, total, start, seed)
-    return iter(loader(dataset, batches, cfg))
-
-
-def source_ce(
-    net: nn.Module, batch: dict[str, Any], cfg: Config, gen: torch.Generator
-) -> torch.Tensor:
-    """Cross-entropy on a labelled source batch (weak geometry, normalised)."""
-    device = next(net.parameters()).device
-    xs, ys = source_batch(batch, cfg, device, gen)
-    return F.cross_entropy(net(xs).float(), ys, ignore_index=255)
-
-
-def _fool_disc(
-    net: nn.Module,
-    disc: nn.Module,
-    batch: dict[str, Any],
-    cfg: Config,
-    device: torch.device,
-    gen: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The segmenter's adversarial term (target outputs should look like source ones, label 0)
-    and the target probabilities; the discriminator is not trained by it."""
-    xt, _ = source_batch(batch, cfg, device, gen)
-    pt = F.softmax(net(xt).float(), dim=1)
-    disc.requires_grad_(False)
-    adv = _adv_loss(disc(pt), 0.0, cfg)
-    disc.requires_grad_(True)
-    return adv, pt
-
-
-def _adv_loss(d_out: torch.Tensor, label: float, cfg: Config) -> torch.Tensor:
-    target = torch.full_like(d_out, label)
-    if cfg.adv_loss == "bce":
-        return F.binary_cross_entropy_with_logits(d_out, target)
-    return F.mse_loss(d_out, target)
+# Stages 1 and 2 (source-only training, the adversarial warm-up) are pipeline.source.start_model.
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 3a: pseudo-labels
 # ---------------------------------------------------------------------------------------------
-
-
-def build_selector(cfg: Config, device: torch.device) -> nn.Module:
-    if cfg.selector == "ias":
-        return ust.InstanceAdaptiveSelector(
-            cfg.num_classes,
-            alpha=cfg.alpha,
-            beta=cfg.beta,
-            gamma=cfg.gamma,
-            granularity="batch" if cfg.pl_batch > 1 else "image",
-            min_threshold=cfg.min_threshold,
-        ).to(device)
-    if cfg.selector == "constant":
-        return ust.ConstantThresholdSelector(cfg.num_classes, threshold=cfg.constant_threshold).to(
-            device
-        )
-    if cfg.selector == "argmax":
-        return ust.ArgmaxSelector(cfg.num_classes).to(device)
-    if cfg.selector == "cbst":
-        return ust.CBSTSelector(cfg.num_classes, proportion=cfg.cbst_proportion).to(device)
-    raise SystemExit(f"unknown --selector {cfg.selector!r}")
 
 
 def generate_pseudo_labels(
@@ -277,8 +128,7 @@ def hiast_step(
     net: nn.Module,
     teacher: ust.EMATeacher,
     loss_fn: ust.HIASTLoss,
-    views: ust.WeakStrongViews,
-    hard_mask: torch.Tensor | None,
+    augmenter: ust.HardAwareAugmenter,
     gen: torch.Generator,
     device: torch.device,
     ramp: float = 1.0,
@@ -288,21 +138,19 @@ def hiast_step(
     ``ramp`` scales the regularisation and consistency weights (a guard; 1 = the paper).
     """
     images, labels = batch["image"].to(device), batch["label"].to(device)
-    if hard_mask is not None:  # hard-aware copy-paste of the donors' hard classes, then the views
-        v = paste_views(
+    if cfg.hpla:  # hard-aware copy-paste of the donors' hard classes, then the views
+        v = augmenter(
             images,
             labels,
             batch["donor_images"].to(device),
             batch["donor_labels"].to(device),
-            hard_mask,
             batch["donor_valid"].to(device),
-            views=views,
             generator=gen,
         )
         view_labels, pasted = v.labels, v.pasted
-    else:
-        v = views(images, [labels], generator=gen)
-        (view_labels,), pasted = v.maps, None
+    else:  # the views alone (the ablation without HPLA)
+        w = augmenter.views(images, [labels], generator=gen)
+        v, (view_labels,), pasted = w, w.maps, None
     logits = net(v.strong)  # the student sees the strong view
     teacher_logits = None
     if cfg.consistency:
@@ -334,17 +182,19 @@ def rampup(it: int, length: int) -> float:
 
 def round_components(
     cfg: Config, round_dir: Path, k: int, target: Any, stats: ClassStatistics, log: MetricsLog
-) -> tuple[PseudoLabelDataset, torch.Tensor | None, ust.WeakStrongViews, ust.HIASTLoss]:
-    """The round's data (with HPLA donors), hard classes, views and loss, as configured."""
-    sampler, hard_mask = None, None
+) -> tuple[PseudoLabelDataset, ust.HardAwareAugmenter, ust.HIASTLoss]:
+    """The round's data (with HPLA donors), augmenter (hard classes + views) and loss."""
+    augmenter = ust.HardAwareAugmenter(
+        cfg.num_classes,
+        cfg.crop_size,
+        num_hard=cfg.num_hard,
+        absent_classes=cfg.absent_classes,
+        max_donors=cfg.max_donors,
+    )
+    sampler = None
     if cfg.hpla:
-        sampler = DonorSampler(
-            stats,
-            num_hard=cfg.num_hard,
-            absent_classes=cfg.absent_classes,
-            max_donors=cfg.max_donors,
-        )
-        hard_mask = sampler.hard_mask
+        augmenter.update(stats)  # class values → the hard classes and their probabilities
+        sampler = augmenter.donor_sampler(stats)
         log(
             stage=round_dir.name,
             event="hard_classes",
@@ -359,7 +209,7 @@ def round_components(
         entropy_weight=cfg.entropy_weight if cfg.regularisation else 0.0,
         consistency_weight=cfg.consistency_weight if cfg.consistency else 0.0,
     )
-    return data, hard_mask, ust.WeakStrongViews(cfg.crop_size), loss_fn
+    return data, augmenter, loss_fn
 
 
 def round_run(
@@ -416,8 +266,8 @@ def self_train(
         resume_finished_stage(round_dir)
         return teacher
     total = cfg.round_iters
-    data, hard_mask, views, loss_fn = round_components(cfg, round_dir, k, target, stats, log)
-    hard_mask = None if hard_mask is None else hard_mask.to(device)
+    data, augmenter, loss_fn = round_components(cfg, round_dir, k, target, stats, log)
+    augmenter.to(device)
     net = wrap_ddp(student, device)
     run, opt, sched, amp, gen, pasted = round_run(cfg, round_dir, k, student, teacher, log, device)
     # Data iterators before run.iterations(): making them draws from the global RNG.
@@ -434,7 +284,7 @@ def self_train(
         for part, batch in enumerate(micro_batches(next(batches), a)):
             ramp = rampup(it, cfg.rampup_iters)
             with amp.autocast():
-                step = (cfg, batch, net, teacher, loss_fn, views, hard_mask, gen, device, ramp)
+                step = (cfg, batch, net, teacher, loss_fn, augmenter, gen, device, ramp)
                 out, pasted_map = hiast_step(*step)
                 loss = out.total
                 if sources:  # guard: keep source supervision
@@ -460,34 +310,6 @@ def self_train(
 # ---------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------
-
-
-def stage_eval(
-    cfg: Config,
-    run_dir: Path,
-    name: str,
-    model: nn.Module,
-    val: Any,
-    device: torch.device,
-    log: MetricsLog,
-) -> dict[str, Any]:
-    path = run_dir / name / "eval.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    with StageCost(log, f"{name}/eval", device, iterations=len(val)):
-        scores = evaluate(
-            model,
-            val,
-            cfg,
-            device,
-            desc=f"eval {name}",
-            save_predictions=run_dir / name / "predictions",
-        )
-    if is_main_process():
-        atomic_save_json(path, scores)
-        log(stage=name, event="eval", miou=scores["miou"])
-    barrier()
-    return scores
 
 
 def run_pipeline(
@@ -541,281 +363,19 @@ def run_pipeline(
     return results
 
 
-def check_options(cfg: Config) -> None:
-    """The selection and guard options, checked before anything runs."""
-    if cfg.select not in SELECT_CHOICES:
-        raise SystemExit(f"--select must be one of {', '.join(SELECT_CHOICES)}, got {cfg.select!r}")
-    if cfg.collapse_guard not in GUARDS:
-        raise SystemExit(f"--collapse-guard must be one of {', '.join(GUARDS)}")
-    if cfg.patience and cfg.select == "last":
-        raise SystemExit("--patience needs a validator to judge the rounds: pass --select too")
-
-
-def start_model(
-    cfg: Config,
-    run_dir: Path,
-    model: nn.Module,
-    warm_path: Path | None,
-    source: Dataset,
-    target: Any,
-    val: Any,
-    device: torch.device,
-    log: MetricsLog,
-) -> dict[str, dict[str, Any]]:
-    """Stages 1–2 (source-only, warm-up), or the given checkpoint; the stages' scores."""
-    results: dict[str, dict[str, Any]] = {}
-    if warm_path is not None:
-        report = load_checkpoint(model, warm_path)
-        log(stage="warmup", event="init", path=str(warm_path), unused=report.unused)
-        return results
-    if cfg.init_source:
-        report = load_checkpoint(model, cfg.init_source)
-        log(stage="source_only", event="init", path=cfg.init_source, unused=report.unused)
-    else:
-        if cfg.backbone_weights:  # ImageNet / MS-COCO DeepLab / our checkpoint: the trunk only
-            report = load_backbone(model, cfg.backbone_weights)
-            log(
-                stage="source_only",
-                event="init_backbone",
-                path=cfg.backbone_weights,
-                unused=report.unused,
-            )
-        train_source(
-            cfg, run_dir / "source_only", model, source, None, device, log, adversarial=False
-        )
-        results["source_only"] = stage_eval(cfg, run_dir, "source_only", model, val, device, log)
-    train_source(cfg, run_dir / "warmup", model, source, target, device, log, adversarial=True)
-    results["warmup"] = stage_eval(cfg, run_dir, "warmup", model, val, device, log)
-    return results
-
-
-def stop_early(cfg: Config, k: int, selection: dict[str, Any], log: MetricsLog) -> bool:
-    """``--patience``: stop when the picked model is that many rounds old."""
-    if not cfg.patience or rounds_since_pick(selection) < cfg.patience:
-        return False
-    print(
-        f"stopping after round {k}: {selection['picked']} is still the best "
-        f"by {cfg.select} ({cfg.patience} round(s) of patience)",
-        file=sys.stderr,
-    )
-    log(stage=f"round{k}", event="early_stop", picked=selection["picked"])
-    return True
-
-
-def select_round(
-    cfg: Config,
-    run_dir: Path,
-    k: int,
-    start: Path | None,
-    target: Any,
-    device: torch.device,
-    log: MetricsLog,
-) -> dict[str, Any]:
-    """Score every model of the run so far on unlabelled target images; pick one; log it."""
-    with StageCost(log, f"round{k}/selection", device, iterations=1):
-        selection = select_after_round(
-            run_dir,
-            k,
-            start,
-            target,
-            lambda: build_model(cfg),
-            cfg.num_classes,
-            validator=cfg.select,
-            num_images=cfg.select_images,
-            device=device,
-        )
-    if is_main_process():
-        log(
-            stage=f"round{k}",
-            event="selection",
-            validator=cfg.select,
-            picked=selection["picked"],
-            scores={r["name"]: r["scores"] for r in selection["candidates"]},
-        )
-        if cfg.select != "last":
-            print(f"round {k}: {cfg.select} picks {selection['picked']}", file=sys.stderr)
-    return selection
-
-
-def selected_model(
-    cfg: Config,
-    run_dir: Path,
-    selection: dict[str, Any],
-    results: dict[str, dict[str, Any]],
-    val: Any,
-    device: torch.device,
-    log: MetricsLog,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """The picked model, loaded, and its scores (read from the run's results where it has them)."""
-    picked = selection["picked"]
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg).to(device)
-    load_checkpoint(model, selection["picked_path"])
-    stage = picked.removesuffix("/teacher")  # a round's teacher is that round's evaluated model
-    scores = results.get(stage) or stage_eval(cfg, run_dir, picked, model, val, device, log)
-    return model, {**scores, "picked": picked}
-
-
-def source_prior(cfg: Config, run_dir: Path, source: Dataset) -> torch.Tensor:
-    """The source label prior from up to 500 evenly spaced label maps, cached in the run folder."""
-    path = run_dir / "source_prior.json"
-    if path.is_file():
-        return torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
-    step = max(1, len(source) // 500)
-    prior = ust.class_prior(
-        (source[i]["label"] for i in range(0, len(source), step)), cfg.num_classes
-    )
-    if is_main_process():
-        atomic_save_json(path, prior.tolist())
-    return prior
-
-
-def diagnose_round(
-    cfg: Config,
-    run_dir: Path,
-    k: int,
-    stats: ClassStatistics,
-    monitor: ust.CollapseMonitor,
-    log: MetricsLog,
-) -> list[int]:
-    """Per-class pseudo-label shares against the source prior and the previous round; warns."""
-    done = json.loads((run_dir / f"round{k}" / "stats" / "done.json").read_text())
-    selected = int(stats.class_pixels.sum())
-    total = int(done.get("total_pixels", round(selected / max(done["selected_fraction"], 1e-12))))
-    pasted_path = run_dir / f"round{k - 1}" / "pasted_pixels.json"
-    pasted = None
-    if pasted_path.is_file():
-        pasted = torch.tensor(json.loads(pasted_path.read_text()), dtype=torch.float64)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ust.CollapseWarning)
-        diag = monitor.update(
-            stats.class_pixels,
-            total_pixels=total,
-            thresholds=stats.thresholds,
-            pasted_pixels=pasted,
-        )
-    for w in caught:  # point at the run's file, not at the library line that noticed it
-        path = run_dir / f"round{k}" / "diagnostics.json"
-        warnings.warn_explicit(w.message, w.category, str(path), 0)
-    if is_main_process():
-        record = diag.to_dict()
-        atomic_save_json(run_dir / f"round{k}" / "diagnostics.json", record)
-        log(stage=f"round{k}", event="diagnostics", **record)
-    return list(diag.vanishing)
-
-
-def act_on_collapse(
-    cfg: Config,
-    run_dir: Path,
-    k: int,
-    vanishing: list[int],
-    student: nn.Module,
-    target: Any,
-    device: torch.device,
-    log: MetricsLog,
-) -> None:
-    """The collapse guard: the flagged classes get labels from another source (before training)."""
-    record = guard_round(
-        cfg.collapse_guard,
-        run_dir,
-        k,
-        vanishing,
-        unwrap_model(student),
-        target,
-        build_selector(cfg, device),
-        cfg.num_classes,
-        device=device,
-    )
-    barrier()  # every rank trains on the merged label files
-    if record["classes"] and is_main_process():
-        names = [class_names(cfg)[c] for c in record["classes"]]
-        print(
-            f"round {k}: collapse guard '{cfg.collapse_guard}' relabelled {', '.join(names)}",
-            file=sys.stderr,
-        )
-        log(stage=f"round{k}", event="collapse_guard", **record)
-
-
-def ablation(cfg: Config, device: torch.device) -> dict[str, dict[str, Any]]:
-    """CT self-training, then add IAS, HPLA, regularisation, consistency, from one warm-up.
-
-    Returns the scores of the source-only and warm-up models and each variant's final model.
-    """
-    base = Path(cfg.run_dir)
-    # The shared stages run under the run folder's own configuration (rounds included), so that
-    # the default run and the ablation share one folder in either order.
-    main = run_pipeline(cfg, device, max_rounds=0)
-    warm = base / "warmup" / "model.pt"
-    variants = [
-        (
-            "CT",
-            {"selector": "constant", "hpla": False, "regularisation": False, "consistency": False},
-        ),
-        ("+IAS", {"selector": "ias", "hpla": False, "regularisation": False, "consistency": False}),
-        ("+HPLA", {"selector": "ias", "hpla": True, "regularisation": False, "consistency": False}),
-        (
-            "+regularisation",
-            {"selector": "ias", "hpla": True, "regularisation": True, "consistency": False},
-        ),
-        (
-            "+consistency (HIAST)",
-            {"selector": "ias", "hpla": True, "regularisation": True, "consistency": True},
-        ),
-    ]
-    scores = {k: main[k] for k in ("source_only", "warmup") if k in main}
-    for name, change in variants:
-        slug = name.strip("+").split(" ")[0].lower()
-        vcfg = dataclasses.replace(cfg, run_dir=str(base / "ablation" / slug), **change)
-        res = run_pipeline(vcfg, device, shared_warmup=warm)
-        scores[name] = res[f"round{cfg.rounds}"]
-    table = "| variant | mIoU |\n|---|---|\n" + "\n".join(
-        f"| {n} | {100 * m['miou']:.1f} |" for n, m in scores.items()
-    )
-    if is_main_process():
-        (base / "ablation.md").write_text(table + "\n")
-    print(table)
-    return scores
-
-
-def run_seeds(cfg: Config, device: torch.device, seeds: list[int], run_ablation: bool) -> None:
-    """Run the pipeline (or the ablation) once per seed in ``run_dir/seed<S>``; write mean ± std.
-
-    The standard deviation is the sample standard deviation over the seeds (ddof = 1).
-    """
-    base = Path(cfg.run_dir)
-    per_seed: dict[str, list[dict[str, Any]]] = {}
-    for s in seeds:
-        scfg = dataclasses.replace(
-            cfg,
-            seed=s,
-            run_dir=str(base / f"seed{s}"),
-            init_source=cfg.init_source.format(seed=s),
-            init_warmup=cfg.init_warmup.format(seed=s),
-        )
-        results = ablation(scfg, device) if run_ablation else run_pipeline(scfg, device)
-        for row, scores in results.items():
-            per_seed.setdefault(row, []).append(scores)
-    if not is_main_process():
-        return
-    classes = next(iter(per_seed.values()))[0]["classes"]
-    names = [class_names(cfg)[c] for c in classes]
-    table = seed_table(per_seed, names, seeds)
-    name = "ablation" if run_ablation else "results"
-    (base / f"{name}_seeds.md").write_text(table)
-    atomic_save_json(base / f"{name}_seeds.json", {"seeds": seeds, "results": per_seed})
-    print(table)
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg, run_ablation, seeds = parse_args(argv, description=__doc__)
-    device = init_distributed(cfg.device)
     start = time.perf_counter()
-    if seeds:
-        run_seeds(cfg, device, seeds, run_ablation)
-    elif run_ablation:
-        ablation(cfg, device)
-    else:
-        run_pipeline(cfg, device)
+    try:
+        device = init_distributed(cfg.device)
+        if seeds:
+            run_seeds(cfg, device, seeds, run_ablation, run_pipeline)
+        elif run_ablation:
+            ablation(cfg, device, run_pipeline)
+        else:
+            run_pipeline(cfg, device)
+    except RunError as err:
+        raise SystemExit(f"error: {err}") from None
     if is_main_process():
         print(
             f"done in {time.perf_counter() - start:.0f}s; outputs in {cfg.run_dir}", file=sys.stderr

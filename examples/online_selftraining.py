@@ -41,19 +41,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _pipeline_utils import (
-    Config,
-    IterationBatches,
-    build_data,
-    build_model,
-    cached_result,
-    evaluate,
-    loader,
-    mean_std,
-    progress,
-    seed_everything,
-    seed_table,
-)
+from pipeline import RunError
+from pipeline.config import Config
+from pipeline.data import IterationBatches, build_data, loader
+from pipeline.progress import progress
+from pipeline.report import evaluate, mean_std, seed_table
+from pipeline.runs import cached_result
+from pipeline.training import build_model, seed_everything
 from torch.utils.data import BatchSampler
 
 import uda_selftrain as ust
@@ -311,7 +305,7 @@ def variant_result(per_seed: list[dict], seeds: list[int], opts: dict[str, bool]
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     variants = {v: parse_variant(v, args) for v in args.variants}
     cfg = Config(
@@ -356,6 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         f.write(table)
     print(table)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except RunError as err:  # a problem the user can fix: the message, no traceback
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

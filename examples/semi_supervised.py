@@ -22,25 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _pipeline_utils import (
-    Config,
-    IterationBatches,
-    build_model,
-    cached_result,
-    evaluate,
-    loader,
-    mean_std,
-    progress,
-    seed_everything,
-    source_batch,
-)
+from pipeline import RunError
+from pipeline.config import Config
+from pipeline.data import IterationBatches, loader, source_batch
+from pipeline.progress import progress
+from pipeline.report import evaluate, mean_std
+from pipeline.runs import cached_result
+from pipeline.training import build_model, seed_everything
 from torch.utils.data import Subset
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_open, atomic_save_json
 from uda_selftrain.augment import normalize
 from uda_selftrain.datasets import Cityscapes, synthetic
-from uda_selftrain.mixing import class_difficulty, paste_views
 
 
 def batches(dataset, args, cfg, seed: int):
@@ -58,21 +52,15 @@ def rampup(it: int, args) -> float:
     return float(np.exp(-5.0 * (1.0 - t) ** 2))
 
 
-def unlabelled_loss(model, teacher, selector, views, loss_fn, images, pseudo, cfg, gen):
+def unlabelled_loss(model, teacher, selector, augmenter, loss_fn, images, pseudo, gen):
     """HIAST's loss on the unlabelled batch: hard-aware paste between its images, the views."""
-    device = images.device
-    hard = class_difficulty(
-        selector.class_values.cpu(),
-        num_hard=min(14, cfg.num_classes),
-        has_donor=selector.class_seen.cpu(),
-    ).hard_mask.to(device)
-    v = paste_views(
+    # The hard classes from the selector's running class values (classes it has seen can donate).
+    augmenter.update(selector, has_donor=selector.class_seen.cpu())
+    v = augmenter(  # each image receives from the next one of the batch
         images,
         pseudo,
         images.roll(1, 0).unsqueeze(1),
         pseudo.roll(1, 0).unsqueeze(1),
-        hard,
-        views=views,
         generator=gen,
     )
     with torch.no_grad():
@@ -88,7 +76,7 @@ def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, de
     if semi:
         teacher = ust.EMATeacher(model, momentum=args.ema)
         selector = ust.InstanceAdaptiveSelector(cfg.num_classes, alpha=cfg.alpha)
-        views = ust.WeakStrongViews(cfg.crop_size)
+        augmenter = ust.HardAwareAugmenter(cfg.num_classes, cfg.crop_size).to(device)
         loss_fn = ust.HIASTLoss()
         unl_it = batches(unlabelled, args, cfg, args.seed + 2)
     bar = progress(total=args.iters, desc=desc, quiet=args.quiet)
@@ -102,7 +90,7 @@ def train(model, labelled, unlabelled, val, cfg, args, device, *, semi: bool, de
                 pseudo = ust.online_targets(teacher(normalize(images)), selector=selector).labels
             ramp = rampup(it, args)
             loss = loss + args.unsup_weight * ramp * unlabelled_loss(
-                model, teacher, selector, views, loss_fn, images, pseudo, cfg, gen
+                model, teacher, selector, augmenter, loss_fn, images, pseudo, gen
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,7 +192,7 @@ def fraction_row(f: float, runs: dict[str, dict]) -> tuple[dict, str]:
     return record, line
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     cfg = Config(data_dir=args.data_dir, width=args.width, quiet=args.quiet, device=args.device)
     if args.synthetic_preset == "tiny":
@@ -240,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         fh.write("\n".join(table) + "\n")
     atomic_save_json(out / "results.json", {"args": vars(args), "results": results})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except RunError as err:  # a problem the user can fix: the message, no traceback
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -222,3 +222,54 @@ def test_sibling_argument_order():
     assert list(inspect.signature(ust.hiast_loss).parameters)[2] == "teacher_logits"
     fwd = list(inspect.signature(ust.ConsistencyLoss.forward).parameters)[1:4]
     assert fwd == ["logits", "labels", "teacher_logits"]
+
+
+# --------------------------------------------------------------------------------------------
+# The examples stay small and readable (issue: the examples' engine taken apart).
+# --------------------------------------------------------------------------------------------
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return sorted(p for f in folders for p in (ROOT / f).rglob("*.py"))
+
+
+def test_examples_stay_small():
+    """No example over 450 lines, no helper module over 300, no function over 60."""
+    import ast
+
+    too_long = []
+    for path in _python_files("examples"):
+        text = path.read_text()
+        limit = 300 if "pipeline" in path.parts else 450
+        if len(text.splitlines()) > limit:
+            too_long.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines > {limit}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
+    assert not too_long, too_long
+
+
+def test_no_import_path_edits():
+    """Scripts import as they run (pytest's pythonpath setting for the tests), never by editing
+    the import path at run time."""
+    edit = re.compile(r"sys\.path\.(insert|append|extend)\(|sys\.path \+?=")
+    found = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in _python_files("src", "examples", "tests", "docs", "benchmarks")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if edit.search(line) and p.name != "test_conventions.py"
+    ]
+    assert not found, found
+
+
+def test_pipeline_helpers_raise_exceptions_not_system_exit():
+    """Only an example's main() turns a RunError into an exit; the helper package never exits."""
+    found = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in _python_files("examples/pipeline")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "SystemExit" in line
+    ]
+    assert not found, found

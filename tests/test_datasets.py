@@ -331,3 +331,33 @@ def test_synthetic_cli(tmp_path):
         == 0
     )
     assert len(list((tmp_path / "c" / "source" / "images").glob("*.png"))) == 3
+
+
+def test_things_protocol_maps_every_city_class_once():
+    from uda_selftrain.datasets import (
+        CITYSCAPES_CLASSES,
+        CITYSCAPES_TO_THINGS,
+        THINGS_CLASSES,
+        MappedLabels,
+    )
+
+    assert sorted(CITYSCAPES_TO_THINGS) == list(range(19))
+    assert sorted(set(CITYSCAPES_TO_THINGS.values())) == list(range(len(THINGS_CLASSES)))
+    for city, thing in CITYSCAPES_TO_THINGS.items():
+        # The kept classes keep their names; the eight stuff classes become the background.
+        expected = CITYSCAPES_CLASSES[city] if thing else "background"
+        assert THINGS_CLASSES[thing] == expected
+    base = [{"image": torch.zeros(3, 1, 3), "label": torch.tensor([[0, 11, 255]]), "name": "a"}]
+    mapped = MappedLabels(base, lookup_table(CITYSCAPES_TO_THINGS))
+    assert len(mapped) == 1 and mapped[0]["label"].tolist() == [[0, 4, 255]]
+    assert base[0]["label"].tolist() == [[0, 11, 255]]  # the wrapped item is not changed
+
+
+def test_atomic_text_and_barrier_without_a_process_group(tmp_path):
+    from uda_selftrain.atomic import atomic_save_text
+    from uda_selftrain.distributed import barrier
+
+    atomic_save_text(tmp_path / "sub" / "a.txt", "line\n")
+    assert (tmp_path / "sub" / "a.txt").read_text() == "line\n"
+    assert not list((tmp_path / "sub").glob(".*.tmp"))
+    barrier()  # a no-op without torch.distributed

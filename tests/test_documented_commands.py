@@ -72,7 +72,7 @@ def _script(tokens: list[str]) -> tuple[str, list[str]] | None:
     if tokens[0] != "python" or len(tokens) < 2:
         return None
     if tokens[1] == "-m":
-        if tokens[2].startswith("uda_selftrain"):
+        if tokens[2].startswith(("uda_selftrain", "docs.results.")):
             return tokens[2], tokens[3:]
         return None
     path = tokens[1]
@@ -101,14 +101,14 @@ class _Parsed(Exception):
 
 
 def _load(target: str):
-    if not target.endswith(".py"):
-        return importlib.import_module(target)
-    path = ROOT / target
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(f"documented_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The script's module: examples/ and benchmarks/ are on the tests' import path (pytest's
+    ``pythonpath``), as their own folder is when they run as scripts; docs/ scripts import from
+    the repository root."""
+    if target.startswith("docs/"):
+        target = target.removesuffix(".py").replace("/", ".")
+    elif target.endswith(".py"):
+        target = Path(target).stem
+    return importlib.import_module(target)
 
 
 COMMANDS = documented()

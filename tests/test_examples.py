@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,17 @@ import pytest
 pytest.importorskip("PIL")
 pytest.importorskip("cv2")
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
+# examples/ is on the import path through pytest's ``pythonpath`` setting (pyproject.toml).
+import hiast_full
+import pipeline.source
+import pipeline.stages
+from pipeline.config import Config
+from pipeline.report import seed_table
 
-import _pipeline_utils  # noqa: E402
-import hiast_full  # noqa: E402
+import uda_selftrain as ust
+from uda_selftrain.datasets import synthetic
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def run(tmp: Path, run_name: str, *extra: str) -> int:
@@ -87,7 +92,7 @@ def test_rerun_resumes_and_other_config_is_refused(tiny_run):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_run, monkeypatch):
-    original = _pipeline_utils.save_training_state
+    original = pipeline.stages.save_training_state
     calls = {"n": 0}
 
     def interrupt_after_first_checkpoint(path, **objects):
@@ -96,12 +101,12 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_run, monkeypatch):
             calls["n"] += 1
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(_pipeline_utils, "save_training_state", interrupt_after_first_checkpoint)
+    monkeypatch.setattr(pipeline.stages, "save_training_state", interrupt_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_run, "b")
     assert (tiny_run / "b" / "round1" / "ckpt.pt").is_file()
     assert (tiny_run / "b" / "round1" / "stats" / "done.json").is_file()  # labels kept
-    monkeypatch.setattr(_pipeline_utils, "save_training_state", original)
+    monkeypatch.setattr(pipeline.stages, "save_training_state", original)
     log = tiny_run / "b" / "metrics.jsonl"
     with open(log, "a") as f:
         f.write('{"event": "torn wri')  # as if killed in the middle of a write
@@ -141,13 +146,13 @@ def test_ablation_flags_parse():
 
 def test_large_preset_is_the_synthetic_city_at_twice_the_resolution():
     cfg, _, _ = hiast_full.parse_args(["--preset", "large"])
-    data = _pipeline_utils.synthetic.PRESETS[cfg.synthetic_preset]
-    default = _pipeline_utils.synthetic.PRESETS["default"]
+    data = synthetic.PRESETS[cfg.synthetic_preset]
+    default = synthetic.PRESETS["default"]
     assert (data.height, data.width) == (2 * default.height, 2 * default.width)
-    assert cfg.crop_size == (128, 256) and cfg.data_dir != _pipeline_utils.Config.data_dir
+    assert cfg.crop_size == (128, 256) and cfg.data_dir != Config.data_dir
     assert cfg.run_dir == "runs/large" and cfg.num_classes == 19
     # Its schedule is the default's: only the sizes (and the batch, for time) change.
-    base = _pipeline_utils.Config()
+    base = Config()
     assert (cfg.source_iters, cfg.warmup_iters, cfg.round_iters, cfg.rounds) == (
         base.source_iters,
         base.warmup_iters,
@@ -160,7 +165,7 @@ def test_seed_table_reports_mean_and_sample_std():
     rows = {
         "a": [{"miou": 0.30, "iou": [0.2, 0.4]}, {"miou": 0.40, "iou": [0.2, 0.6]}],
     }
-    table = hiast_full.seed_table(rows, ["x", "y"], [0, 1])
+    table = seed_table(rows, ["x", "y"], [0, 1])
     assert "| a | 35.0 ± 7.1 | 20.0 ± 0.0 | 50.0 ± 14.1 |" in table
     assert "(seeds 0, 1)" in table
 
@@ -202,7 +207,6 @@ def _ddp_worker(rank: int, port: int, args: list[str]) -> None:
         WORLD_SIZE="2",
         LOCAL_RANK=str(rank),
     )
-    sys.path.insert(0, str(EXAMPLES))
     import hiast_full as hf
 
     try:
@@ -439,10 +443,8 @@ def test_auto_selection_scores_every_model_and_keeps_training_identical(tiny_run
         "round2/teacher",
         "round2/student",
     ]
-    assert all(set(c["scores"]) == set(_pipeline_utils.ust.VALIDATORS) for c in sel["candidates"])
-    best = names[
-        _pipeline_utils.ust.select_candidate([c["scores"] for c in sel["candidates"]], "mixval")
-    ]
+    assert all(set(c["scores"]) == set(ust.VALIDATORS) for c in sel["candidates"])
+    best = names[ust.select_candidate([c["scores"] for c in sel["candidates"]], "mixval")]
     results = json.loads((rd / "results.json").read_text())
     assert results["selected"]["picked"] == best
     picked = dict(zip(names, [c["path"] for c in sel["candidates"]], strict=True))[best]
@@ -454,9 +456,7 @@ def test_auto_selection_scores_every_model_and_keeps_training_identical(tiny_run
     # A rerun with another validator re-decides from the stored scores; nothing is retrained.
     assert run(tiny_run, "sel", "--select", "entropy", "--select-images", "6") == 0
     results = json.loads((rd / "results.json").read_text())
-    entropy_best = names[
-        _pipeline_utils.ust.select_candidate([c["scores"] for c in sel["candidates"]], "entropy")
-    ]
+    entropy_best = names[ust.select_candidate([c["scores"] for c in sel["candidates"]], "entropy")]
     assert results["selected"]["picked"] == entropy_best
     # Patience 1 with a validator that prefers an early model stops before round 2.
     assert (
@@ -473,9 +473,7 @@ def test_auto_selection_scores_every_model_and_keeps_training_identical(tiny_run
         == 0
     )
     first = json.loads((tiny_run / "stop" / "round1" / "selection.json").read_text())
-    picked = _pipeline_utils.ust.select_candidate(
-        [c["scores"] for c in first["candidates"]], "ensemble_agreement"
-    )
+    picked = ust.select_candidate([c["scores"] for c in first["candidates"]], "ensemble_agreement")
     stopped = not first["candidates"][picked]["name"].startswith("round1")  # an older model won
     assert (tiny_run / "stop" / "round2" / "teacher.pt").is_file() != stopped
     with pytest.raises(SystemExit, match="--select"):
@@ -510,7 +508,7 @@ def test_validator_benchmark_script(tiny_run, tmp_path):
     measures = bench.run_measures(rows, "round 1")
     assert measures["regret"] == pytest.approx(100 * (best - rows[2]["miou"]))
     text = out.read_text()
-    for policy in (*_pipeline_utils.ust.VALIDATORS, "last round", "round 1"):
+    for policy in (*ust.VALIDATORS, "last round", "round 1"):
         assert f"| {policy} |" in text or f"| **{policy}** |" in text
     assert "CT, last round (the documented per-seed values)" in text
 
@@ -560,7 +558,7 @@ def test_getting_started_sequence_shares_one_run_folder(tiny_run, capsys):
 
 def test_merge_class_labels_moves_only_the_flagged_classes(tmp_path):
     import numpy as np
-    from _collapse_guard import merge_class_labels, merge_round
+    from pipeline.collapse import merge_class_labels, merge_round
 
     from uda_selftrain.datasets.image_io import read_label, write_label
 
@@ -681,7 +679,7 @@ def _kill_on_call(monkeypatch, owner, attr, *, when):
 def _after_checkpoint_of(stage):
     """Kill right after the first checkpoint of ``stage`` is written."""
     saved = {"done": False}
-    original = _pipeline_utils.save_training_state
+    original = pipeline.stages.save_training_state
 
     def save(path, **objects):
         original(path, **objects)
@@ -694,12 +692,12 @@ def _after_checkpoint_of(stage):
 
 KILL_POINTS = {
     "source_after_checkpoint": lambda mp: mp.setattr(
-        _pipeline_utils, "save_training_state", _after_checkpoint_of("source_only")
+        pipeline.stages, "save_training_state", _after_checkpoint_of("source_only")
     ),
     # source-only draws 20 batches; the warm-up 2 per iteration: call 23 is its iteration 2,
     # before its first checkpoint (iteration 5)
     "warmup_before_checkpoint": lambda mp: _kill_on_call(
-        mp, hiast_full, "source_batch", when=lambda n, a, k: n == 23
+        mp, pipeline.source, "source_batch", when=lambda n, a, k: n == 23
     ),
     "pseudo_labels": lambda mp: _kill_on_call(
         mp,
@@ -708,10 +706,10 @@ KILL_POINTS = {
         when=lambda n, a, k: n == 7,
     ),
     "round1_after_checkpoint": lambda mp: mp.setattr(
-        _pipeline_utils, "save_training_state", _after_checkpoint_of("round1")
+        pipeline.stages, "save_training_state", _after_checkpoint_of("round1")
     ),
     "evaluation": lambda mp: _kill_on_call(
-        mp, hiast_full, "evaluate", when=lambda n, a, k: "round1" in k.get("desc", "")
+        mp, pipeline.stages, "evaluate", when=lambda n, a, k: "round1" in k.get("desc", "")
     ),
 }
 

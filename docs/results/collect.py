@@ -1,6 +1,6 @@
 """Tables of the seeded runs in docs/results/, from the run folders of examples/hiast_full.py.
 
-    python docs/results/collect.py --runs runs --out docs/results/tables.md
+    python -m docs.results.collect --runs runs --out docs/results/tables.md
 
 Reads every ``<run>/results_seeds.json`` (``--seeds``) and ``<run>/ablation_seeds.json``
 (``--ablation --seeds``), and for the pseudo-labels of every round it compares the labels written
@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from _pipeline_utils import THINGS_CLASSES, THINGS_MAP
-
-from uda_selftrain.datasets import CITYSCAPES_CLASSES, Cityscapes, lookup_table
+from uda_selftrain.datasets import (
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_TO_THINGS,
+    THINGS_CLASSES,
+    Cityscapes,
+    lookup_table,
+)
 from uda_selftrain.datasets.image_io import read_label
 from uda_selftrain.datasets.pseudo import pseudo_label_path
 
@@ -258,7 +259,7 @@ def main() -> None:
         if (args.data_large / "target").is_dir()
         else None
     )
-    things_classes, things_table = list(THINGS_CLASSES), lookup_table(THINGS_MAP)
+    things_classes, things_table = list(THINGS_CLASSES), lookup_table(CITYSCAPES_TO_THINGS)
     regimes = (
         ("Collapse regime ('things')", things, things_classes, things_table, [1, 2], None, target),
         ("Weak start (19 classes)", weak, city, None, [1, 2, 3], weak_source, target),

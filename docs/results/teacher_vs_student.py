@@ -1,6 +1,6 @@
 """What each model of a run predicts on the target training images, class by class.
 
-    python docs/results/teacher_vs_student.py runs/things/hiast --images 100
+    python -m docs.results.teacher_vs_student runs/things/hiast --images 100
 
 For every seed folder of a ``--seeds`` run: the starting model, and each round's EMA teacher and
 student, predict (arg-max) on ``--images`` evenly spaced target training images; per class the
@@ -18,15 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from _model_selection import run_candidates
-from _pipeline_utils import THINGS_MAP, MappedLabels, build_model, class_names
-from validators import run_config
+from docs.results.validators import run_config
+from examples.pipeline.data import class_names
+from examples.pipeline.selection import run_candidates
+from examples.pipeline.training import build_model
 
 import uda_selftrain as ust
-from uda_selftrain.datasets import Cityscapes, lookup_table
+from uda_selftrain.datasets import CITYSCAPES_TO_THINGS, Cityscapes, MappedLabels, lookup_table
 from uda_selftrain.models import load_checkpoint
 
 
@@ -35,7 +33,7 @@ def shares(seed_dir: Path, images: int) -> dict[str, tuple[np.ndarray, np.ndarra
     root = Path(cfg.data_dir) / "target"
     labelled = Cityscapes(root, "train")
     if cfg.label_map == "things":
-        labelled = MappedLabels(labelled, lookup_table(THINGS_MAP))
+        labelled = MappedLabels(labelled, lookup_table(CITYSCAPES_TO_THINGS))
     idx = np.linspace(0, len(labelled) - 1, min(images, len(labelled))).round().astype(int)
     items = [labelled[int(i)] for i in idx]
     x = torch.stack([it["image"] for it in items])

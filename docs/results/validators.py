@@ -1,6 +1,6 @@
 """The validator benchmark: every label-free validator against the true target mIoU, per regime.
 
-    python docs/results/validators.py \\
+    python -m docs.results.validators \\
         --regime default runs/synthetic runs/synthetic_ct \\
         --regime things runs/things/hiast runs/things/ct \\
         --regime weak runs/weak/hiast runs/weak/ct \\
@@ -38,12 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from examples.pipeline.config import Config
+from examples.pipeline.data import build_data, class_names
+from examples.pipeline.selection import image_batches, run_candidates
+from examples.pipeline.training import build_model
 from scipy.stats import kendalltau
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from _model_selection import image_batches, run_candidates
-from _pipeline_utils import Config, build_data, build_model, class_names
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_save_json

@@ -17,7 +17,13 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_open", "atomic_save_json", "atomic_save_npy", "atomic_torch_save"]
+__all__ = [
+    "atomic_open",
+    "atomic_save_json",
+    "atomic_save_npy",
+    "atomic_save_text",
+    "atomic_torch_save",
+]
 
 
 @contextlib.contextmanager
@@ -64,6 +70,12 @@ def atomic_save_json(path: str | os.PathLike[str], obj: Any, *, indent: int | No
     """Write ``obj`` as JSON atomically."""
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=indent)
+
+
+def atomic_save_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def atomic_save_npy(path: str | os.PathLike[str], array: np.ndarray) -> None:

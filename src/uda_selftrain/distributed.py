@@ -22,6 +22,7 @@ __all__ = [
     "all_reduce_max",
     "all_reduce_min",
     "all_reduce_sum",
+    "barrier",
     "broadcast_",
     "is_distributed",
     "is_main_process",
@@ -79,3 +80,9 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()

@@ -16,12 +16,14 @@ __all__ = [
     "CITYSCAPES_LABELID_TO_TRAINID",
     "CITYSCAPES_PALETTE",
     "CITYSCAPES_TO_OXFORD",
+    "CITYSCAPES_TO_THINGS",
     "IGNORE_INDEX",
     "OXFORD_CLASSES",
     "OXFORD_ID_TO_TRAINID",
     "OXFORD_PALETTE",
     "SYNTHIA_ABSENT_CLASSES",
     "SYNTHIA_ID_TO_TRAINID",
+    "THINGS_CLASSES",
     "colorize",
     "decolorize",
     "lookup_table",
@@ -75,6 +77,19 @@ OXFORD_ID_TO_TRAINID: dict[int, int] = {
 CITYSCAPES_TO_OXFORD: dict[int, int] = {
     0: 8, 1: 7, 2: 6, 6: 5, 7: 4, 10: 0, 11: 1, 12: 1, 13: 3, 14: 3, 15: 3, 17: 2, 18: 2,
 }  # fmt: skip
+
+#: The "things" protocol of the synthetic city's imbalance study: its eight stuff classes (road,
+#: sidewalk, building, wall, fence, vegetation, terrain, sky) merged into one background, about
+#: 90 % of the pixels, and its 11 thin or countable classes kept.
+THINGS_CLASSES = (
+    "background", "pole", "traffic light", "traffic sign", "person", "rider", "car", "truck",
+    "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+
+#: Cityscapes train id → things train id (19 → 12).
+CITYSCAPES_TO_THINGS: dict[int, int] = {c: 0 for c in (0, 1, 2, 3, 4, 8, 9, 10)} | {
+    c: i + 1 for i, c in enumerate((5, 6, 7, 11, 12, 13, 14, 15, 16, 17, 18))
+}
 
 #: Colours of the 9 Oxford classes (taken from their Cityscapes counterparts).
 OXFORD_PALETTE = CITYSCAPES_PALETTE[[13, 11, 18, 5, 10, 6, 7, 2, 0]]

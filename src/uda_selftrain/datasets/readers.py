@@ -37,6 +37,7 @@ __all__ = [
     "SYNTHIA",
     "Cityscapes",
     "DatasetLayoutError",
+    "MappedLabels",
     "OxfordRobotCar",
     "SegmentationFiles",
 ]
@@ -348,3 +349,30 @@ class OxfordRobotCar(SegmentationFiles):
             labels = _pair(images, lambda p: anno / p.name, _OXFORD_LAYOUT)
             table = lookup_table(OXFORD_ID_TO_TRAINID)
         super().__init__(images, labels, table=table, size=size, root=image_dir)
+
+
+class MappedLabels(Dataset):
+    """A reader whose train ids go through a lookup table: another label protocol of the same
+    images (Cityscapes 19 → Oxford 9 for Cityscapes → Oxford RobotCar, the city 19 → things 12).
+
+    Args:
+        base: a dataset of ``{"image", "label", "name"}`` items (``label`` ``(H, W)`` train ids).
+        table: a ``(K,)`` uint8 table from :func:`~uda_selftrain.datasets.lookup_table`.
+
+    >>> import numpy as np, torch
+    >>> from uda_selftrain.datasets import lookup_table
+    >>> base = [{"image": torch.zeros(3, 1, 2), "label": torch.tensor([[0, 5]]), "name": "a"}]
+    >>> MappedLabels(base, lookup_table({5: 1}))[0]["label"].tolist()
+    [[255, 1]]
+    """
+
+    def __init__(self, base: Dataset, table: np.ndarray) -> None:
+        self.base, self.table = base, table
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.base[i])
+        item["label"] = map_labels(item["label"], self.table).long()
+        return item

@@ -13,25 +13,36 @@ Other classes' labels are untouched, except where a restored pixel overwrites th
 previous round and is left alone. The round's statistics files (class values, hard classes, donor
 lists) are those of the teacher's selection. What was done is written to ``round<k>/guard.json``;
 a rerun after a kill repeats the merge (it is idempotent) and then reads that file.
+
+:func:`diagnose_round` writes each round's diagnostics (shares against the source prior and the
+previous round) and returns the classes flagged as vanishing; :func:`act_on_collapse` runs the
+guard on them.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_save_json
 from uda_selftrain.datasets.image_io import read_label, write_label
-from uda_selftrain.distributed import is_main_process
+from uda_selftrain.distributed import barrier, is_main_process
+from uda_selftrain.mixing import ClassStatistics
+from uda_selftrain.teacher import unwrap_model
 
-#: ``--collapse-guard`` values.
-GUARDS = ("off", "keep", "student")
+from .config import Config
+from .data import class_names
+from .runs import MetricsLog
+from .training import build_selector
 
 
 def merge_class_labels(labels: np.ndarray, other: np.ndarray, classes: list[int]) -> np.ndarray:
@@ -96,3 +107,83 @@ def guard_round(
     if is_main_process():
         atomic_save_json(path, record)
     return record
+
+
+def source_prior(cfg: Config, run_dir: Path, source: Dataset) -> torch.Tensor:
+    """The source label prior from up to 500 evenly spaced label maps, cached in the run folder."""
+    path = run_dir / "source_prior.json"
+    if path.is_file():
+        return torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
+    step = max(1, len(source) // 500)
+    prior = ust.class_prior(
+        (source[i]["label"] for i in range(0, len(source), step)), cfg.num_classes
+    )
+    if is_main_process():
+        atomic_save_json(path, prior.tolist())
+    return prior
+
+
+def diagnose_round(
+    cfg: Config,
+    run_dir: Path,
+    k: int,
+    stats: ClassStatistics,
+    monitor: ust.CollapseMonitor,
+    log: MetricsLog,
+) -> list[int]:
+    """Per-class pseudo-label shares against the source prior and the previous round; warns."""
+    done = json.loads((run_dir / f"round{k}" / "stats" / "done.json").read_text())
+    selected = int(stats.class_pixels.sum())
+    total = int(done.get("total_pixels", round(selected / max(done["selected_fraction"], 1e-12))))
+    pasted_path = run_dir / f"round{k - 1}" / "pasted_pixels.json"
+    pasted = None
+    if pasted_path.is_file():
+        pasted = torch.tensor(json.loads(pasted_path.read_text()), dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ust.CollapseWarning)
+        diag = monitor.update(
+            stats.class_pixels,
+            total_pixels=total,
+            thresholds=stats.thresholds,
+            pasted_pixels=pasted,
+        )
+    for w in caught:  # point at the run's file, not at the library line that noticed it
+        path = run_dir / f"round{k}" / "diagnostics.json"
+        warnings.warn_explicit(w.message, w.category, str(path), 0)
+    if is_main_process():
+        record = diag.to_dict()
+        atomic_save_json(run_dir / f"round{k}" / "diagnostics.json", record)
+        log(stage=f"round{k}", event="diagnostics", **record)
+    return list(diag.vanishing)
+
+
+def act_on_collapse(
+    cfg: Config,
+    run_dir: Path,
+    k: int,
+    vanishing: list[int],
+    student: nn.Module,
+    target: Any,
+    device: torch.device,
+    log: MetricsLog,
+) -> None:
+    """The collapse guard: the flagged classes get labels from another source (before training)."""
+    record = guard_round(
+        cfg.collapse_guard,
+        run_dir,
+        k,
+        vanishing,
+        unwrap_model(student),
+        target,
+        build_selector(cfg, device),
+        cfg.num_classes,
+        device=device,
+    )
+    barrier()  # every rank trains on the merged label files
+    if record["classes"] and is_main_process():
+        names = [class_names(cfg)[c] for c in record["classes"]]
+        print(
+            f"round {k}: collapse guard '{cfg.collapse_guard}' relabelled {', '.join(names)}",
+            file=sys.stderr,
+        )
+        log(stage=f"round{k}", event="collapse_guard", **record)

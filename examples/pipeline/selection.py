@@ -5,24 +5,31 @@ validators (:func:`uda_selftrain.score_candidates`) on evenly spaced target *tra
 scores go to ``round<k>/selection.json``. With ``--select VALIDATOR`` the best-scoring model is the
 run's result; ``--patience N`` stops self-training when that model is ``N`` rounds old. The true
 mIoU on the labelled validation split is logged by the pipeline for research and never read here.
+
+:func:`select_round` runs it inside the pipeline and logs the pick; :func:`stop_early` applies
+``--patience``; :func:`selected_model` loads the pick as the run's result.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_save_json
 from uda_selftrain.distributed import is_main_process
 from uda_selftrain.models import load_checkpoint
 
-#: ``--select`` values: the paper's behaviour (the last round's teacher) or a validator's pick.
-SELECT_CHOICES = ("last", *ust.VALIDATORS, *ust.COMBINED)
+from .config import Config
+from .runs import MetricsLog
+from .stages import StageCost, stage_eval
+from .training import build_model
 
 
 def run_candidates(run_dir: Path, start: Path | None, rounds: int) -> list[tuple[str, Path]]:
@@ -128,3 +135,70 @@ def rounds_since_pick(selection: dict[str, Any]) -> int:
     if picked.startswith("round"):
         return k - int(picked.split("/")[0][len("round") :])
     return k
+
+
+def stop_early(cfg: Config, k: int, selection: dict[str, Any], log: MetricsLog) -> bool:
+    """``--patience``: stop when the picked model is that many rounds old."""
+    if not cfg.patience or rounds_since_pick(selection) < cfg.patience:
+        return False
+    print(
+        f"stopping after round {k}: {selection['picked']} is still the best "
+        f"by {cfg.select} ({cfg.patience} round(s) of patience)",
+        file=sys.stderr,
+    )
+    log(stage=f"round{k}", event="early_stop", picked=selection["picked"])
+    return True
+
+
+def select_round(
+    cfg: Config,
+    run_dir: Path,
+    k: int,
+    start: Path | None,
+    target: Any,
+    device: torch.device,
+    log: MetricsLog,
+) -> dict[str, Any]:
+    """Score every model of the run so far on unlabelled target images; pick one; log it."""
+    with StageCost(log, f"round{k}/selection", device, iterations=1):
+        selection = select_after_round(
+            run_dir,
+            k,
+            start,
+            target,
+            lambda: build_model(cfg),
+            cfg.num_classes,
+            validator=cfg.select,
+            num_images=cfg.select_images,
+            device=device,
+        )
+    if is_main_process():
+        log(
+            stage=f"round{k}",
+            event="selection",
+            validator=cfg.select,
+            picked=selection["picked"],
+            scores={r["name"]: r["scores"] for r in selection["candidates"]},
+        )
+        if cfg.select != "last":
+            print(f"round {k}: {cfg.select} picks {selection['picked']}", file=sys.stderr)
+    return selection
+
+
+def selected_model(
+    cfg: Config,
+    run_dir: Path,
+    selection: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    val: Any,
+    device: torch.device,
+    log: MetricsLog,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The picked model, loaded, and its scores (read from the run's results where it has them)."""
+    picked = selection["picked"]
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(cfg).to(device)
+    load_checkpoint(model, selection["picked_path"])
+    stage = picked.removesuffix("/teacher")  # a round's teacher is that round's evaluated model
+    scores = results.get(stage) or stage_eval(cfg, run_dir, picked, model, val, device, log)
+    return model, {**scores, "picked": picked}
