@@ -25,7 +25,7 @@ import torch
 from _common import base_parser, machine, timeit
 
 from uda_selftrain.augment import WeakStrongViews
-from uda_selftrain.mixing import hard_paste, paste_views
+from uda_selftrain.paste import hard_paste, paste_views
 
 try:
     from PIL import Image, ImageEnhance, ImageFilter, ImageOps

@@ -63,9 +63,9 @@ from torch.utils.data import Dataset
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_torch_save
+from uda_selftrain.class_statistics import ClassStatistics
 from uda_selftrain.datasets import PseudoLabelDataset
 from uda_selftrain.distributed import all_reduce_sum, is_main_process, rank, world_size
-from uda_selftrain.mixing import ClassStatistics
 from uda_selftrain.teacher import unwrap_model
 
 # Stages 1 and 2 (source-only training, the adversarial warm-up) are pipeline.source.start_model.

@@ -59,8 +59,9 @@ from uda_selftrain.augment import (
     strong_colour,
     weak_geometry,
 )
-from uda_selftrain.mixing import class_difficulty, hard_paste
+from uda_selftrain.class_statistics import class_difficulty
 from uda_selftrain.models import load_checkpoint
+from uda_selftrain.paste import hard_paste
 
 COMPONENTS = ("rcs", "mic", "fd", "ias", "hpla", "reg", "cst")
 # DAFormer's rule: more than 3000 pixels of the class at GTA5's 1914 x 1052.

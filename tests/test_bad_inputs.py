@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import uda_selftrain as ust
-from uda_selftrain.mixing import ClassStatistics
+from uda_selftrain.class_statistics import ClassStatistics
 from uda_selftrain.models import FCDiscriminator, deeplabv2_small
 
 NAN = float("nan")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import uda_selftrain as ust
-from uda_selftrain.mixing import ClassStatistics
+from uda_selftrain.class_statistics import ClassStatistics
 
 # --------------------------------------------------------------------------------------------
 # RegionAdaptiveLoss / ConsistencyLoss / HIASTLoss

@@ -247,7 +247,9 @@ def test_examples_stay_small():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 n = node.end_lineno - node.lineno + 1
                 if n > 60:
-                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
+                    too_long.append(
+                        f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines"
+                    )
     assert not too_long, too_long
 
 

@@ -12,6 +12,7 @@ pytest.importorskip("PIL")
 pytest.importorskip("cv2")
 from PIL import Image
 
+from uda_selftrain.class_statistics import ClassStatistics
 from uda_selftrain.datasets import (
     CITYSCAPES_LABELID_TO_TRAINID,
     CITYSCAPES_PALETTE,
@@ -31,7 +32,7 @@ from uda_selftrain.datasets import (
     pseudo_label_path,
     synthetic,
 )
-from uda_selftrain.mixing import ClassStatistics, DonorSampler
+from uda_selftrain.donors import DonorSampler
 
 
 def write_png16(path: Path, arr: np.ndarray) -> None:

@@ -98,7 +98,7 @@ def test_training_step_primitives_have_no_stray_host_tensors():
     # from CPU generators by design, and everything it touches must still end up on the device.
     from uda_selftrain import ClassMix, EMATeacher, HIASTLoss, confidence_weight
     from uda_selftrain.augment import WeakStrongViews, colour_params, strong_colour
-    from uda_selftrain.mixing import paste_views
+    from uda_selftrain.paste import paste_views
 
     meta = torch.device("meta")
 

@@ -232,7 +232,7 @@ def test_two_processes_agree_with_one(tiny_run):
     import torch
     import torch.multiprocessing as mp
 
-    from uda_selftrain.mixing import ClassStatistics
+    from uda_selftrain.class_statistics import ClassStatistics
 
     warm = tiny_run / "a" / "warmup" / "model.pt"
     common = [

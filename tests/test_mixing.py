@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from uda_selftrain.mixing import class_difficulty, sampling_probabilities
+from uda_selftrain.class_statistics import class_difficulty, sampling_probabilities
 
 
 def test_golden_probabilities_and_hard_set(golden):
@@ -52,13 +52,9 @@ def test_bad_inputs():
 
 # --- class statistics, donor pools and files -------------------------------------------------
 
-from uda_selftrain.mixing import (  # noqa: E402
-    ClassStatistics,
-    DonorSampler,
-    HardAwarePaste,
-    hard_paste,
-    paste_views,
-)
+from uda_selftrain.class_statistics import ClassStatistics  # noqa: E402
+from uda_selftrain.donors import DonorSampler  # noqa: E402
+from uda_selftrain.paste import HardAwarePaste, hard_paste, paste_views  # noqa: E402
 
 
 def _stats(num_samples=20, num_classes=6, seed=0):

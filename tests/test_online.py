@@ -5,14 +5,8 @@ import math
 import pytest
 import torch
 
-from uda_selftrain.online import (
-    ClassMix,
-    classmix,
-    classmix_masks,
-    confidence_weight,
-    online_targets,
-    pixel_weights,
-)
+from uda_selftrain.mixing import ClassMix, classmix, classmix_masks
+from uda_selftrain.online import confidence_weight, online_targets, pixel_weights
 from uda_selftrain.selection import InstanceAdaptiveSelector
 
 

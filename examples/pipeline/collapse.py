@@ -34,9 +34,9 @@ from torch.utils.data import Dataset
 
 import uda_selftrain as ust
 from uda_selftrain.atomic import atomic_save_json
+from uda_selftrain.class_statistics import ClassStatistics
 from uda_selftrain.datasets.image_io import read_label, write_label
 from uda_selftrain.distributed import barrier, is_main_process
-from uda_selftrain.mixing import ClassStatistics
 from uda_selftrain.teacher import unwrap_model
 
 from .config import Config

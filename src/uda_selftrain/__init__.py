@@ -24,6 +24,12 @@ from .augment import (
     strong_colour,
     weak_geometry,
 )
+from .class_statistics import (
+    ClassDifficulty,
+    ClassStatistics,
+    class_difficulty,
+    sampling_probabilities,
+)
 from .diagnostics import (
     CollapseMonitor,
     CollapseWarning,
@@ -32,6 +38,7 @@ from .diagnostics import (
     class_prior,
     pseudo_label_diagnostics,
 )
+from .donors import DonorDraw, DonorSampler
 from .evaluation import SegmentationScores, evaluate_segmentation
 from .feature_distance import (
     CITYSCAPES_THING_CLASSES,
@@ -74,28 +81,9 @@ from .metrics import (
     pixel_accuracy,
     protocol_scores,
 )
-from .mixing import (
-    ClassDifficulty,
-    ClassStatistics,
-    DonorDraw,
-    DonorSampler,
-    HardAwarePaste,
-    PasteResult,
-    class_difficulty,
-    hard_paste,
-    paste_views,
-    sampling_probabilities,
-)
-from .online import (
-    ClassMix,
-    ClassMixResult,
-    OnlineTargets,
-    classmix,
-    classmix_masks,
-    confidence_weight,
-    online_targets,
-    pixel_weights,
-)
+from .mixing import ClassMix, ClassMixResult, classmix, classmix_masks
+from .online import OnlineTargets, confidence_weight, online_targets, pixel_weights
+from .paste import HardAwarePaste, PasteResult, hard_paste, paste_views
 from .pseudo_labels import generate_pseudo_labels, predict_probabilities
 from .quantiles import grouped_quantile
 from .rare_class import (

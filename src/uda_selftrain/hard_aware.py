@@ -10,7 +10,7 @@ pasted class per pixel (method §3).
 Donors come from one of two places:
 
 * **a dataset** (offline HIAST): :meth:`HardAwareAugmenter.donor_sampler` gives the
-  :class:`~uda_selftrain.mixing.DonorSampler` that a ``Dataset`` uses to load donor images for
+  :class:`~uda_selftrain.donors.DonorSampler` that a ``Dataset`` uses to load donor images for
   each sample, with the same hard set; pass the loaded donors to the forward;
 * **the batch itself** (online loops, no dataset machinery): call the forward without donors and
   each sample receives another sample of the batch (a random derangement drawn from the
@@ -34,7 +34,9 @@ from ._checks import (
     check_unit_interval,
 )
 from .augment import IMAGENET_MEAN, IMAGENET_STD, WeakStrongViews
-from .mixing import ClassStatistics, DonorSampler, HardAwareViews, class_difficulty, paste_views
+from .class_statistics import ClassStatistics, class_difficulty
+from .donors import DonorSampler
+from .paste import HardAwareViews, paste_views
 
 __all__ = ["HardAwareAugmenter", "HardAwareViews", "batch_donors", "hard_aware_augment"]
 
@@ -157,7 +159,7 @@ class HardAwareAugmenter(nn.Module):
     """HPLA plus the weak/strong views, holding the class values and the hard set.
 
     Typical use (offline HIAST, once per round): after generating pseudo-labels, call
-    :meth:`update` with the round's :class:`~uda_selftrain.mixing.ClassStatistics` (or the
+    :meth:`update` with the round's :class:`~uda_selftrain.class_statistics.ClassStatistics` (or the
     selector, in online loops); give a dataset :meth:`donor_sampler` to load donors; in every
     training step call the module on the batch and its donors.
 
@@ -264,7 +266,7 @@ class HardAwareAugmenter(nn.Module):
         """Set the class values and recompute the hard set; returns the hard classes.
 
         Args:
-            source: a round's :class:`~uda_selftrain.mixing.ClassStatistics` (class values and,
+            source: a round's :class:`~uda_selftrain.class_statistics.ClassStatistics` (class values and,
                 from its per-sample counts, which classes have a donor); a selector with
                 ``class_values`` (e.g. :class:`~uda_selftrain.selection.InstanceAdaptiveSelector`
                 in an online loop); or a ``(C,)`` tensor of class values in ``[0, 1]``.
@@ -328,7 +330,7 @@ class HardAwareAugmenter(nn.Module):
         return diff.hard_classes
 
     def donor_sampler(self, stats: ClassStatistics) -> DonorSampler:
-        """The :class:`~uda_selftrain.mixing.DonorSampler` for a dataset, with this hard set.
+        """The :class:`~uda_selftrain.donors.DonorSampler` for a dataset, with this hard set.
 
         Call :meth:`update` with the same ``stats`` first.
         """

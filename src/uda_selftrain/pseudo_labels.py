@@ -7,7 +7,7 @@ What every offline self-training method (IAST, HIAST, CBST, CRST) does between r
 2. select pseudo-labels with any :class:`~uda_selftrain.selection.Selector` (the instance adaptive
    selector carries its thresholds from image to image; CBST first observes the whole set);
 3. write ``<out_dir>/pseudo/<name>.png`` (8-bit train ids, 255 = unlabelled) and the statistics
-   files of :class:`~uda_selftrain.mixing.ClassStatistics` in ``<out_dir>/stats`` (the public
+   files of :class:`~uda_selftrain.class_statistics.ClassStatistics` in ``<out_dir>/stats`` (the public
    implementation's formats), plus ``<out_dir>/stats/done.json``.
 
 It is resumable — the selector state and statistics are checkpointed every ``checkpoint_every``
@@ -34,8 +34,8 @@ from torch import nn
 from ._checks import check_positive_int
 from .atomic import atomic_save_json, atomic_torch_save
 from .augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .class_statistics import ClassStatistics
 from .distributed import all_reduce_sum, is_distributed, is_main_process, rank, world_size
-from .mixing import ClassStatistics
 from .selection import CBSTSelector, Selector
 
 __all__ = ["generate_pseudo_labels", "predict_probabilities"]
@@ -217,7 +217,7 @@ def generate_pseudo_labels(
         progress: called as ``progress(done_steps, total_steps)`` after every step (rank 0).
 
     Returns:
-        The round's :class:`~uda_selftrain.mixing.ClassStatistics` (class values and thresholds
+        The round's :class:`~uda_selftrain.class_statistics.ClassStatistics` (class values and thresholds
         from the selector), identical on every rank.
     """
     from .datasets.image_io import write_label

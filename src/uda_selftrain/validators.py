@@ -40,7 +40,7 @@ from ._checks import (
 from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import all_reduce_sum
 from .metrics import confusion_matrix
-from .online import classmix_masks
+from .mixing import classmix_masks
 
 __all__ = [
     "COMBINED",

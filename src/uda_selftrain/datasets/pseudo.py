@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..mixing import DonorSampler
+from ..donors import DonorSampler
 from .image_io import read_label
 from .labels import IGNORE_INDEX
 from .readers import DatasetLayoutError, SegmentationFiles, _resize_image, _resize_nearest
@@ -24,7 +24,7 @@ def pseudo_label_path(folder: str | os.PathLike[str], name: str) -> Path:
 
 class PseudoLabelDataset(Dataset):
     """Target images with their saved pseudo-labels (8-bit PNG train ids, 255 = ignored), and the
-    HPLA donors drawn by a :class:`~uda_selftrain.mixing.DonorSampler`.
+    HPLA donors drawn by a :class:`~uda_selftrain.donors.DonorSampler`.
 
     Items are dictionaries::
 
