@@ -275,3 +275,27 @@ def test_pipeline_helpers_raise_exceptions_not_system_exit():
         if "SystemExit" in line
     ]
     assert not found, found
+
+
+def test_outputs_are_named_tuples():
+    """What a primitive returns is a NamedTuple with named fields: no mutable dataclass, no dict
+    of scores. (``Protocol`` is a frozen description passed in, not an output.)"""
+    mutable = [
+        name
+        for name, obj in _exported()
+        if inspect.isclass(obj)
+        and dataclasses.is_dataclass(obj)
+        and not obj.__dataclass_params__.frozen
+    ]
+    assert not mutable, mutable
+    for out in (
+        ust.ProtocolScores,
+        ust.PseudoLabelDiagnostics,
+        ust.HardAwareViews,
+        ust.HIASTLossOutput,
+        ust.Selection,
+    ):
+        assert issubclass(out, tuple) and hasattr(out, "_fields"), out.__name__
+    for fn in (ust.protocol_scores, ust.paste_views, ust.hiast_loss, ust.select_argmax):
+        returned = inspect.signature(fn).return_annotation
+        assert "dict" not in str(returned), fn.__name__

@@ -23,8 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -94,8 +93,7 @@ def class_prior(
     return counted / counted.sum().clamp(min=1)
 
 
-@dataclass
-class PseudoLabelDiagnostics:
+class PseudoLabelDiagnostics(NamedTuple):
     """Per-class pseudo-label statistics of one round (all ``(C,)`` float64 on the CPU).
 
     Attributes:
@@ -121,7 +119,7 @@ class PseudoLabelDiagnostics:
     vanishing: list[int]
     thresholds: torch.Tensor | None = None
     pasted_share: torch.Tensor | None = None
-    class_names: list[str] = field(default_factory=list)
+    class_names: tuple[str, ...] = ()
 
     def name(self, c: int) -> str:
         return self.class_names[c] if c < len(self.class_names) else str(c)
@@ -264,7 +262,7 @@ def pseudo_label_diagnostics(
         vanishing=torch.nonzero(vanishing_mask).flatten().tolist(),
         thresholds=None if thresholds is None else _vector("thresholds", thresholds, c),
         pasted_share=pasted_share,
-        class_names=list(class_names),
+        class_names=tuple(class_names),
     )
     if warn and diag.vanishing:
         warnings.warn(
