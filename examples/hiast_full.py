@@ -118,7 +118,10 @@ def generate_pseudo_labels(
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage 3b: self-training
+# Stage 3b: self-training. The loop is hiast_minimal.py's hiast_round (the augmenter with dataset
+# donors, the strong view to the student and the weak one to the EMA teacher, the HIAST loss)
+# plus hooks: resume, logs and checkpoints (StageRun), AMP and micro-batches, the optional guards
+# (ramp-up, source CE) and the pasted-pixel counts that the next round's diagnostics read.
 # ---------------------------------------------------------------------------------------------
 
 

@@ -145,7 +145,6 @@ def batch_hard_paste(t_img, t_lab, selector, cfg: Config):
     """Hard-aware copy-paste between this batch's target images (the next one is the donor)."""
     hard = class_difficulty(
         selector.class_values.cpu(),
-        num_hard=min(14, cfg.num_classes),
         has_donor=selector.class_seen.cpu(),
     ).hard_mask.to(t_img.device)
     pasted = hard_paste(

@@ -28,6 +28,7 @@ from .class_statistics import (
     ClassDifficulty,
     ClassStatistics,
     class_difficulty,
+    default_num_hard,
     sampling_probabilities,
 )
 from .diagnostics import (
@@ -200,6 +201,7 @@ __all__ = [
     "confusion_matrix",
     "consistency_loss",
     "crop_params",
+    "default_num_hard",
     "denormalize",
     "downscale_labels",
     "ensemble_agreement",

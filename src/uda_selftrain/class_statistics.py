@@ -38,6 +38,7 @@ __all__ = [
     "ClassDifficulty",
     "ClassStatistics",
     "class_difficulty",
+    "default_num_hard",
     "sampling_probabilities",
 ]
 
@@ -89,10 +90,23 @@ class ClassDifficulty(NamedTuple):
     hard_mask: torch.Tensor
 
 
+#: The published setting pastes K = 14 hard classes of C = 19; other class counts scale it.
+PAPER_HARD_FRACTION = 14 / 19
+
+
+def default_num_hard(num_classes: int) -> int:
+    """The one default number of hard classes: ``round(14/19 · C)``, at least 1 (14 of 19).
+
+    >>> default_num_hard(19), default_num_hard(16), default_num_hard(9)
+    (14, 12, 7)
+    """
+    return max(1, round(PAPER_HARD_FRACTION * check_positive_int("num_classes", num_classes)))
+
+
 def class_difficulty(
     class_values: torch.Tensor,
     *,
-    num_hard: int = 14,
+    num_hard: int | None = None,
     absent_classes: Sequence[int] = (),
     has_donor: torch.Tensor | None = None,
 ) -> ClassDifficulty:
@@ -100,7 +114,8 @@ def class_difficulty(
 
     Args:
         class_values: ``(C,)`` class values ``v``.
-        num_hard: ``K`` (14 of 19 in the published setting).
+        num_hard: ``K``; default :func:`default_num_hard` (``round(14/19 · C)``: 14 of 19, the
+            published setting).
         absent_classes: classes that can never occur (SYNTHIA: 9, 14, 16); never hard.
         has_donor: optional ``(C,)`` bool, whether any target image contains the class; classes
             without a donor are never hard.
@@ -114,6 +129,8 @@ def class_difficulty(
     """
     v = _check_class_values(class_values)
     c = v.shape[0]
+    if num_hard is None:
+        num_hard = default_num_hard(c)
     check_positive_int("num_hard", num_hard)
     if num_hard > c:
         raise ValueError(
@@ -298,7 +315,11 @@ class ClassStatistics:
         return torch.tensor([len(p) > 0 for p in self.donor_pools(drop_fraction=drop_fraction)])
 
     def difficulty(
-        self, *, num_hard: int = 14, absent_classes: Sequence[int] = (), drop_fraction: float = 0.1
+        self,
+        *,
+        num_hard: int | None = None,
+        absent_classes: Sequence[int] = (),
+        drop_fraction: float = 0.1,
     ) -> ClassDifficulty:
         """:func:`class_difficulty` of these class values, excluding classes without donors."""
         return class_difficulty(

@@ -54,7 +54,8 @@ class DonorSampler:
 
     Args:
         stats: the round's :class:`ClassStatistics`.
-        num_hard: ``K``, the number of hard classes (14 of 19 in the paper).
+        num_hard: ``K``, the number of hard classes; default ``round(14/19 · C)`` (14 of 19, the
+            paper's).
         absent_classes: classes that can never occur in the source domain (SYNTHIA: 9, 14, 16).
         max_donors: most donors per sample (default 3).
         min_coverage: stop once this fraction of the hard set is covered (default 0.5).
@@ -74,7 +75,7 @@ class DonorSampler:
         self,
         stats: ClassStatistics,
         *,
-        num_hard: int = 14,
+        num_hard: int | None = None,
         absent_classes: Sequence[int] = (),
         max_donors: int = 3,
         min_coverage: float = 0.5,

@@ -34,14 +34,11 @@ from ._checks import (
     check_unit_interval,
 )
 from .augment import IMAGENET_MEAN, IMAGENET_STD, WeakStrongViews
-from .class_statistics import ClassStatistics, class_difficulty
+from .class_statistics import ClassStatistics, class_difficulty, default_num_hard
 from .donors import DonorSampler
 from .paste import HardAwareViews, paste_views
 
 __all__ = ["HardAwareAugmenter", "HardAwareViews", "batch_donors", "hard_aware_augment"]
-
-#: The published setting pastes K = 14 hard classes of C = 19; other class counts scale it.
-_PAPER_HARD_FRACTION = 14 / 19
 
 
 def batch_donors(
@@ -219,7 +216,7 @@ class HardAwareAugmenter(nn.Module):
         super().__init__()
         self.num_classes = check_positive_int("num_classes", num_classes)
         if num_hard is None:
-            num_hard = max(1, round(_PAPER_HARD_FRACTION * num_classes))
+            num_hard = default_num_hard(num_classes)
         self.num_hard = check_positive_int("num_hard", num_hard)
         if self.num_hard > self.num_classes:
             raise ValueError(
