@@ -159,21 +159,8 @@ def hiast_step(
     if cfg.consistency:
         with torch.no_grad():
             teacher_logits = teacher(v.weak).float()  # the teacher the weak one
-    if ramp == 1.0:
-        out = loss_fn(logits.float(), view_labels.long(), teacher_logits)
-    else:
-        reg = loss_fn.regularisation
-        out = ust.hiast_loss(
-            logits.float(),
-            view_labels.long(),
-            teacher_logits,
-            ce_weight=loss_fn.ce_weight,
-            smoothing_weight=ramp * reg.smoothing_weight,
-            entropy_weight=ramp * reg.entropy_weight,
-            consistency_weight=ramp * loss_fn.consistency_weight,
-            consistency_region=loss_fn.consistency.region,
-        )
-    return out, pasted
+    step_loss = loss_fn if ramp == 1.0 else round_loss(cfg, ramp)
+    return step_loss(logits.float(), view_labels.long(), teacher_logits), pasted
 
 
 def rampup(it: int, length: int) -> float:
@@ -207,12 +194,16 @@ def round_components(
     data = PseudoLabelDataset(
         target, round_dir / "pseudo", sampler=sampler, donor_names=stats.names, seed=cfg.seed + k
     )
-    loss_fn = ust.HIASTLoss(
-        smoothing_weight=cfg.smoothing_weight if cfg.regularisation else 0.0,
-        entropy_weight=cfg.entropy_weight if cfg.regularisation else 0.0,
-        consistency_weight=cfg.consistency_weight if cfg.consistency else 0.0,
+    return data, augmenter, round_loss(cfg)
+
+
+def round_loss(cfg: Config, ramp: float = 1.0) -> ust.HIASTLoss:
+    """The HIAST loss as configured; ``ramp`` scales the regularisation and consistency terms."""
+    return ust.HIASTLoss(
+        smoothing_weight=ramp * cfg.smoothing_weight if cfg.regularisation else 0.0,
+        entropy_weight=ramp * cfg.entropy_weight if cfg.regularisation else 0.0,
+        consistency_weight=ramp * cfg.consistency_weight if cfg.consistency else 0.0,
     )
-    return data, augmenter, loss_fn
 
 
 def round_run(
@@ -255,8 +246,8 @@ def self_train(
     round_dir: Path,
     k: int,
     student: nn.Module,
-    target: Any,
     source: Dataset,
+    target: Any,
     stats: ClassStatistics,
     device: torch.device,
     log: MetricsLog,
@@ -346,7 +337,7 @@ def run_pipeline(
         vanishing = diagnose_round(cfg, run_dir, k, stats, monitor, log)
         if cfg.collapse_guard != "off":
             act_on_collapse(cfg, run_dir, k, vanishing, model, target, device, log)
-        teacher = self_train(cfg, round_dir, k, model, target, source, stats, device, log)
+        teacher = self_train(cfg, round_dir, k, model, source, target, stats, device, log)
         results[f"round{k}"] = stage_eval(
             cfg, run_dir, f"round{k}", teacher.module, val, device, log
         )
