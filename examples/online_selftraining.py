@@ -59,9 +59,7 @@ from uda_selftrain.augment import (
     strong_colour,
     weak_geometry,
 )
-from uda_selftrain.class_statistics import class_difficulty
 from uda_selftrain.models import load_checkpoint
-from uda_selftrain.paste import hard_paste
 
 COMPONENTS = ("rcs", "mic", "fd", "ias", "hpla", "reg", "cst")
 # DAFormer's rule: more than 3000 pixels of the class at GTA5's 1914 x 1052.
@@ -122,6 +120,7 @@ def variant_parts(opts: dict[str, bool], args: argparse.Namespace, cfg: Config, 
             ust.InstanceAdaptiveSelector(cfg.num_classes, alpha=cfg.alpha) if opts["ias"] else None
         ),
         "mix": ust.ClassMix(cfg.num_classes),
+        "augmenter": ust.HardAwareAugmenter(cfg.num_classes, cfg.crop_size).to(device),
         "loss_fn": ust.HIASTLoss(
             ce_weight=1.0 if opts["ias"] else 0.0,  # without IAS the CE is DACS's weighted one
             smoothing_weight=0.1 if opts["reg"] else 0.0,
@@ -141,14 +140,12 @@ def variant_parts(opts: dict[str, bool], args: argparse.Namespace, cfg: Config, 
     return parts
 
 
-def batch_hard_paste(t_img, t_lab, selector, cfg: Config):
-    """Hard-aware copy-paste between this batch's target images (the next one is the donor)."""
-    hard = class_difficulty(
-        selector.class_values.cpu(),
-        has_donor=selector.class_seen.cpu(),
-    ).hard_mask.to(t_img.device)
-    pasted = hard_paste(
-        t_img, t_lab, t_img.roll(1, 0).unsqueeze(1), t_lab.roll(1, 0).unsqueeze(1), hard
+def batch_hard_paste(t_img, t_lab, augmenter, selector):
+    """Hard-aware copy-paste between this batch's target images (the next one is the donor); the
+    hard classes from the selector's running class values. ClassMix makes the views next."""
+    augmenter.update(selector, has_donor=selector.class_seen.cpu())
+    pasted = augmenter.paste(
+        t_img, t_lab, t_img.roll(1, 0).unsqueeze(1), t_lab.roll(1, 0).unsqueeze(1)
     )
     return pasted.images, pasted.labels
 
@@ -213,7 +210,7 @@ def run_variant(
             targets = ust.online_targets(teacher(normalize(t_img)), selector=selector)
         t_lab = targets.labels
         if opts["hpla"] and bool(selector.class_seen.any()):
-            t_img, t_lab = batch_hard_paste(t_img, t_lab, selector, cfg)
+            t_img, t_lab = batch_hard_paste(t_img, t_lab, parts["augmenter"], selector)
         mixed = parts["mix"](s_img, s_lab, t_img, t_lab, generator=gen)
         loss_src = source_loss(student, parts["fd"], s_img, s_lab)
         loss_tgt = target_loss(student, teacher, parts, opts, mixed, targets, t_img, t_lab, gen)

@@ -420,3 +420,26 @@ def test_selectors_name_a_device_mismatch(kind):
             selector.observe(torch.randn(1, 4, 8, 8))
         else:
             selector(torch.randn(1, 4, 8, 8))
+
+
+def test_augmenter_paste_alone_is_hard_paste_with_its_hard_set():
+    """HardAwareAugmenter.paste: the paste without the views (for loops that mix with ClassMix),
+    with explicit donors and with batch donors, and only once the hard set is known."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 8, 16), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 5, (3, 8, 16), generator=g)
+    aug = ust.HardAwareAugmenter(5, (4, 8), num_hard=2)
+    with pytest.raises(RuntimeError):
+        aug.paste(images, labels)
+    aug.update(torch.tensor([0.9, 0.2, 0.8, 0.3, 0.7]))
+    donors_i, donors_l = images.roll(1, 0).unsqueeze(1), labels.roll(1, 0).unsqueeze(1)
+    out = aug.paste(images, labels, donors_i, donors_l)
+    ref = ust.hard_paste(images, labels, donors_i, donors_l, aug.hard_mask)
+    assert torch.equal(out.images, ref.images) and torch.equal(out.labels, ref.labels)
+    assert out.images.shape == images.shape  # the input size: no views
+    assert set(out.pasted.unique().tolist()) <= {1, 3, 255}  # only the hard classes move
+    a = aug.paste(images, labels, generator=torch.Generator().manual_seed(4))
+    b = aug.paste(images, labels, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.pasted, b.pasted)
+    with pytest.raises(ValueError, match="donor_valid"):
+        aug.paste(images, labels, donor_valid=torch.ones(3, 1, dtype=torch.bool))

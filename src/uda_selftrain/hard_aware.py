@@ -36,7 +36,7 @@ from ._checks import (
 from .augment import IMAGENET_MEAN, IMAGENET_STD, WeakStrongViews
 from .class_statistics import ClassStatistics, class_difficulty, default_num_hard
 from .donors import DonorSampler
-from .paste import HardAwareViews, paste_views
+from .paste import HardAwareViews, PasteResult, hard_paste, paste_views
 
 __all__ = ["HardAwareAugmenter", "HardAwareViews", "batch_donors", "hard_aware_augment"]
 
@@ -325,6 +325,40 @@ class HardAwareAugmenter(nn.Module):
         self.fitted.fill_(True)
         self._known_fitted = True
         return diff.hard_classes
+
+    def paste(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        donor_images: torch.Tensor | None = None,
+        donor_labels: torch.Tensor | None = None,
+        donor_valid: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> PasteResult:
+        """The hard-class paste alone, at the input size and without the views: for loops that
+        make their own views (a DACS-style online loop mixes with ClassMix next).
+
+        Same inputs as calling the module (without donors, each sample receives from another of
+        the batch); returns the :class:`~uda_selftrain.paste.PasteResult` of :func:`hard_paste`
+        with this augmenter's hard set.
+        """
+        self._check_fitted()
+        if donor_images is None or donor_labels is None:
+            if donor_valid is not None:
+                raise ValueError("donor_valid needs donor_images and donor_labels")
+            donor_images, donor_labels, donor_valid = batch_donors(
+                images, labels, generator=generator
+            )
+        return hard_paste(
+            images,
+            labels,
+            donor_images,
+            donor_labels,
+            self.hard_mask,
+            donor_valid,
+            ignore_index=self.ignore_index,
+        )
 
     def donor_sampler(self, stats: ClassStatistics) -> DonorSampler:
         """The :class:`~uda_selftrain.donors.DonorSampler` for a dataset, with this hard set.
