@@ -133,12 +133,9 @@ def hard_aware_augment(
     >>> out.labels.unique().tolist(), out.pasted[0].unique().tolist(), out.strong.shape
     ([1], [1], torch.Size([2, 3, 16, 32]))
     """
-    if (donor_images is None) != (donor_labels is None):
-        raise ValueError("donor_images and donor_labels must be given together (or neither)")
-    if donor_images is None or donor_labels is None:
-        if donor_valid is not None:
-            raise ValueError("donor_valid needs donor_images and donor_labels")
-        donor_images, donor_labels, donor_valid = batch_donors(images, labels, generator=generator)
+    donor_images, donor_labels, donor_valid = _donors(
+        images, labels, donor_images, donor_labels, donor_valid, generator
+    )
     return paste_views(
         images,
         labels,
@@ -150,6 +147,24 @@ def hard_aware_augment(
         generator=generator,
         ignore_index=ignore_index,
     )
+
+
+def _donors(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    donor_images: torch.Tensor | None,
+    donor_labels: torch.Tensor | None,
+    donor_valid: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The donors given, or (none given) each sample's donor from the batch (:func:`batch_donors`)."""
+    if (donor_images is None) != (donor_labels is None):
+        raise ValueError("donor_images and donor_labels must be given together (or neither)")
+    if donor_images is None or donor_labels is None:
+        if donor_valid is not None:
+            raise ValueError("donor_valid needs donor_images and donor_labels")
+        return batch_donors(images, labels, generator=generator)
+    return donor_images, donor_labels, donor_valid
 
 
 class HardAwareAugmenter(nn.Module):
@@ -344,12 +359,9 @@ class HardAwareAugmenter(nn.Module):
         with this augmenter's hard set.
         """
         self._check_fitted()
-        if donor_images is None or donor_labels is None:
-            if donor_valid is not None:
-                raise ValueError("donor_valid needs donor_images and donor_labels")
-            donor_images, donor_labels, donor_valid = batch_donors(
-                images, labels, generator=generator
-            )
+        donor_images, donor_labels, donor_valid = _donors(
+            images, labels, donor_images, donor_labels, donor_valid, generator
+        )
         return hard_paste(
             images,
             labels,
