@@ -39,6 +39,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -121,45 +122,61 @@ def sample_layout(
     lab[ground] = TERRAIN if rng.random() < 0.5 else VEGETATION
     lab[ground & (off < road_half + walk)] = SIDEWALK
     lab[ground & (off < road_half)] = ROAD
-
-    # Buildings along both sides, with vegetation between some of them.
+    scene = _Scene(lab, yy, xx, ground, depth, horizon, vp, road_half, walk)
     for side in (-1, 1):
-        x = 0.0 if side < 0 else 1.0
-        inner = vp - 0.08 if side < 0 else vp + 0.08
-        pos = 0.0
-        span = abs(inner - x)
-        while pos < span:
-            bw = rng.uniform(0.06, 0.2)
-            top = horizon - rng.uniform(0.08, 0.38) * (1 - pos / (span + 1e-6) * 0.6)
-            a, b = sorted((x - side * pos, x - side * min(pos + bw, span)))
-            cls = BUILDING if rng.random() < 0.8 else VEGETATION
-            near_ground = horizon + 0.02
-            _rect(lab, top, near_ground, a, b, cls)
-            if cls == BUILDING and rng.random() < 0.35:  # a tree in front
-                cx = rng.uniform(a, b)
-                _ellipse(
-                    lab,
-                    yy,
-                    xx,
-                    top + 0.05,
-                    cx,
-                    rng.uniform(0.05, 0.12),
-                    rng.uniform(0.03, 0.08),
-                    VEGETATION,
-                )
-            pos += bw
-        # Wall or fence along the outer edge of the sidewalk.
-        if rng.random() < 0.7:
-            cls = WALL if rng.random() < 0.5 else FENCE
-            x_edge = vp + side * (road_half + walk)
-            band = (
-                ground
-                & (np.abs(xx - x_edge) < 0.04 + 0.25 * depth)
-                & (side * (xx - x_edge) > 0)
-                & (yy < horizon + rng.uniform(0.08, 0.2))
-            )
-            lab[band & (rng.random() < 0.9)] = cls
+        _roadside(rng, scene, side)
+    # Far first, near last (painter's order); the draws keep their order.
+    for d, kind, info in sorted(_objects(rng), key=lambda o: o[0]):
+        _paint_object(rng, scene, d, kind, info, d * scale, (h, w))
+    return lab
 
+
+class _Scene(NamedTuple):
+    """The layout being painted and the geometry every element is placed by."""
+
+    lab: np.ndarray
+    yy: np.ndarray
+    xx: np.ndarray
+    ground: np.ndarray
+    depth: np.ndarray
+    horizon: float
+    vp: float
+    road_half: np.ndarray
+    walk: np.ndarray
+
+
+def _roadside(rng: np.random.Generator, sc: _Scene, side: int) -> None:
+    """Buildings along one side, vegetation between some, a wall or fence along the sidewalk."""
+    lab, horizon, vp = sc.lab, sc.horizon, sc.vp
+    x = 0.0 if side < 0 else 1.0
+    inner = vp - 0.08 if side < 0 else vp + 0.08
+    pos = 0.0
+    span = abs(inner - x)
+    while pos < span:
+        bw = rng.uniform(0.06, 0.2)
+        top = horizon - rng.uniform(0.08, 0.38) * (1 - pos / (span + 1e-6) * 0.6)
+        a, b = sorted((x - side * pos, x - side * min(pos + bw, span)))
+        cls = BUILDING if rng.random() < 0.8 else VEGETATION
+        _rect(lab, top, horizon + 0.02, a, b, cls)
+        if cls == BUILDING and rng.random() < 0.35:  # a tree in front
+            cx = rng.uniform(a, b)
+            ry, rx = rng.uniform(0.05, 0.12), rng.uniform(0.03, 0.08)
+            _ellipse(lab, sc.yy, sc.xx, top + 0.05, cx, ry, rx, VEGETATION)
+        pos += bw
+    if rng.random() < 0.7:
+        cls = WALL if rng.random() < 0.5 else FENCE
+        x_edge = vp + side * (sc.road_half + sc.walk)
+        band = (
+            sc.ground
+            & (np.abs(sc.xx - x_edge) < 0.04 + 0.25 * sc.depth)
+            & (side * (sc.xx - x_edge) > 0)
+            & (sc.yy < horizon + rng.uniform(0.08, 0.2))
+        )
+        lab[band & (rng.random() < 0.9)] = cls
+
+
+def _objects(rng: np.random.Generator) -> list[tuple[float, str, dict]]:
+    """(depth, kind, info) of the scene's poles, people and vehicles, in drawing order."""
     objects: list[tuple[float, str, dict]] = []
     for _ in range(rng.integers(1, 5)):  # poles with signs / lights on the sidewalks
         side = rng.choice((-1, 1))
@@ -173,67 +190,61 @@ def sample_layout(
             p=[0.24, 0.24, 0.24, 0.08, 0.07, 0.06, 0.05, 0.02],
         )
         objects.append((rng.uniform(0.05, 1.0), str(kind), {}))
-    objects.sort(key=lambda o: o[0])  # far first, near last (painter's order)
+    return objects
 
-    for d, kind, info in objects:
-        y = horizon + d * (1 - horizon)  # ground contact
-        s = d * scale
-        rh, ww = road_half_at(d, road_half, depth), 0.0
-        if kind == "pole":
-            x = vp + info["side"] * (rh + walk_at(d, walk, depth) * 0.5)
-            ph = 0.1 + 0.45 * s
-            pw = max(0.004, 0.006 * s)
-            _rect(lab, y - ph, y, x - pw, x + pw, POLE)
-            r = rng.random()
-            if r < 0.45:
-                _rect(
-                    lab,
-                    y - ph,
-                    y - ph + 0.06 * s + 0.02,
-                    x - 0.012 * s - 0.006,
-                    x + 0.012 * s + 0.006,
-                    SIGN,
-                )
-            elif r < 0.85:
-                _rect(
-                    lab,
-                    y - ph,
-                    y - ph + 0.09 * s + 0.02,
-                    x - 0.008 * s - 0.004,
-                    x + 0.008 * s + 0.004,
-                    LIGHT,
-                )
-        elif kind == "person":
-            x = vp + info["side"] * (rh + walk_at(d, walk, depth) * rng.uniform(0.2, 0.8))
-            ph, pw = 0.06 + 0.25 * s, 0.01 + 0.03 * s
-            _ellipse(lab, yy, xx, y - ph / 2, x, ph / 2, pw, PERSON)
-        else:
-            x = vp + rng.uniform(-0.8, 0.8) * rh
-            if kind in ("bike", "motorbike"):
-                bh, bw = 0.03 + 0.1 * s, 0.02 + 0.09 * s
-                _ellipse(
-                    lab,
-                    yy,
-                    xx,
-                    y - bh / 2,
-                    x,
-                    bh / 2,
-                    bw / 2,
-                    BICYCLE if kind == "bike" else MOTORCYCLE,
-                )
-                _ellipse(
-                    lab, yy, xx, y - bh - 0.05 - 0.1 * s, x, 0.04 + 0.1 * s, 0.01 + 0.025 * s, RIDER
-                )
-                continue
-            cls, hh, wscale = {
-                "car": (CAR, 0.04 + 0.16 * s, 1.8),
-                "truck": (TRUCK, 0.07 + 0.27 * s, 1.4),
-                "bus": (BUS, 0.08 + 0.3 * s, 2.2),
-                "train": (TRAIN, 0.08 + 0.3 * s, 3.5),
-            }[kind]
-            ww = hh * wscale * h / w
-            _rect(lab, y - hh, y, x - ww / 2, x + ww / 2, cls)
-    return lab
+
+#: Vehicles drawn as boxes: class, height (a + b · size) and width-to-height ratio.
+_BOXES = {
+    "car": (CAR, 0.04, 0.16, 1.8),
+    "truck": (TRUCK, 0.07, 0.27, 1.4),
+    "bus": (BUS, 0.08, 0.3, 2.2),
+    "train": (TRAIN, 0.08, 0.3, 3.5),
+}
+
+
+def _paint_object(
+    rng: np.random.Generator,
+    sc: _Scene,
+    d: float,
+    kind: str,
+    info: dict,
+    s: float,
+    size: tuple[int, int],
+) -> None:
+    """One pole (with a sign or a light), person, two-wheeler with its rider, or vehicle at depth
+    ``d`` and size ``s``; ``size`` is the image's (height, width)."""
+    lab, yy, xx = sc.lab, sc.yy, sc.xx
+    y = sc.horizon + d * (1 - sc.horizon)  # ground contact
+    rh = road_half_at(d, sc.road_half, sc.depth)
+    if kind == "pole":
+        x = sc.vp + info["side"] * (rh + walk_at(d, sc.walk, sc.depth) * 0.5)
+        ph = 0.1 + 0.45 * s
+        pw = max(0.004, 0.006 * s)
+        _rect(lab, y - ph, y, x - pw, x + pw, POLE)
+        r = rng.random()
+        if r < 0.45:
+            left, right = x - 0.012 * s - 0.006, x + 0.012 * s + 0.006
+            _rect(lab, y - ph, y - ph + 0.06 * s + 0.02, left, right, SIGN)
+        elif r < 0.85:
+            left, right = x - 0.008 * s - 0.004, x + 0.008 * s + 0.004
+            _rect(lab, y - ph, y - ph + 0.09 * s + 0.02, left, right, LIGHT)
+    elif kind == "person":
+        x = sc.vp + info["side"] * (rh + walk_at(d, sc.walk, sc.depth) * rng.uniform(0.2, 0.8))
+        ph, pw = 0.06 + 0.25 * s, 0.01 + 0.03 * s
+        _ellipse(lab, yy, xx, y - ph / 2, x, ph / 2, pw, PERSON)
+    else:
+        x = sc.vp + rng.uniform(-0.8, 0.8) * rh
+        if kind in ("bike", "motorbike"):
+            bh, bw = 0.03 + 0.1 * s, 0.02 + 0.09 * s
+            cls = BICYCLE if kind == "bike" else MOTORCYCLE
+            _ellipse(lab, yy, xx, y - bh / 2, x, bh / 2, bw / 2, cls)
+            ry, rx = 0.04 + 0.1 * s, 0.01 + 0.025 * s
+            _ellipse(lab, yy, xx, y - bh - 0.05 - 0.1 * s, x, ry, rx, RIDER)
+            return
+        cls, base, grow, wscale = _BOXES[kind]
+        hh = base + grow * s
+        ww = hh * wscale * size[0] / size[1]
+        _rect(lab, y - hh, y, x - ww / 2, x + ww / 2, cls)
 
 
 def road_half_at(d: float, road_half: np.ndarray, depth: np.ndarray) -> float:
