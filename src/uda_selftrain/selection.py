@@ -455,9 +455,15 @@ def select_constant(
     """
     check_unit_interval("threshold", threshold)
     conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
-    labels = torch.where(conf >= threshold, pred, ignore_index)
+    labels = _threshold_labels(conf, pred, threshold, ignore_index)
     counts, _ = selected_class_statistics(labels, conf, scores.shape[1])
     return Selection(labels, conf, pred, counts)
+
+
+def _threshold_labels(
+    confidence: torch.Tensor, prediction: torch.Tensor, threshold: float, ignore_index: int
+) -> torch.Tensor:
+    return torch.where(confidence >= threshold, prediction, ignore_index)
 
 
 def select_argmax(scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
@@ -836,13 +842,10 @@ class ConstantThresholdSelector(_SelectorState):
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
         _check_scores(scores, self.num_classes)
-        sel = select_constant(
-            scores,
-            threshold=self.threshold,
-            probabilities=probabilities,
-            ignore_index=self.ignore_index,
-        )
-        return self._record(sel.labels, sel.confidence, sel.prediction)
+        # select_constant's labels; the counts (and confidence sums) are _record's, made once.
+        conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
+        labels = _threshold_labels(conf, pred, self.threshold, self.ignore_index)
+        return self._record(labels, conf, pred)
 
 
 class ArgmaxSelector(_SelectorState):
@@ -879,8 +882,9 @@ class ArgmaxSelector(_SelectorState):
     @torch.no_grad()
     def forward(self, scores: torch.Tensor, *, probabilities: bool = False) -> Selection:
         _check_scores(scores, self.num_classes)
-        sel = select_argmax(scores, probabilities=probabilities)
-        return self._record(sel.labels, sel.confidence, sel.prediction)
+        # select_argmax's labels are the arg-max itself; the counts are _record's, made once.
+        conf, pred = confidence_and_prediction(scores, probabilities=probabilities)
+        return self._record(pred, conf, pred)
 
 
 class CBSTSelector(_SelectorState):
