@@ -3,6 +3,7 @@
     python examples/online_selftraining.py                        # DACS and DACS + HIAST, ~6 min CPU
     python examples/online_selftraining.py --variants dacs dacs+rcs dacs+mic dacs+ias --seeds 0 1 2
     python examples/online_selftraining.py --variants dacs+fd --fd-encoder runs/.../model.pt
+    python examples/online_selftraining.py --seeds 0 1 2 --checkpoint-every 100 --out runs/online_ckpt
 
 Baseline (DACS): each step, source cross-entropy plus a ClassMix target loss: half of the source
 image's classes are pasted onto a target image whose labels are the EMA teacher's arg-max, weighted
@@ -29,6 +30,12 @@ with ``--no-ias``/``--no-hpla``/``--no-regularisation``/``--no-consistency``.
 
 Prints (and writes to ``--out``/results.json) the target mIoU of every variant, mean ± std over
 ``--seeds``, with the per-class IoU.
+
+``--checkpoint-every N`` also keeps the EMA teacher and the student every ``N`` steps (and after
+the last) in ``--out/<variant>/seed<S>/step<k>/{teacher,student}.pt``, with the run's
+``config.json``: the candidates a label-free validator chooses among
+(``python -m docs.results.validators --regime online runs/online_ckpt/hiast``). Saving reads no
+random number: the run and its result are the same with or without it.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pipeline import RunError
-from pipeline.config import Config
+from pipeline.config import Config, config_dict
 from pipeline.data import IterationBatches, build_data, loader
 from pipeline.progress import progress
 from pipeline.report import evaluate, mean_std, seed_table
@@ -51,7 +58,7 @@ from pipeline.training import build_model, seed_everything
 from torch.utils.data import BatchSampler
 
 import uda_selftrain as ust
-from uda_selftrain.atomic import atomic_open, atomic_save_json
+from uda_selftrain.atomic import atomic_open, atomic_save_json, atomic_torch_save
 from uda_selftrain.augment import (
     colour_params,
     crop_params,
@@ -186,6 +193,22 @@ def target_loss(student, teacher, parts, opts, mixed, targets, t_img, t_lab, gen
     return loss
 
 
+def checkpointer(name: str, args: argparse.Namespace, cfg: Config):
+    """``save(step, student, teacher)`` for ``--checkpoint-every``: the two models after ``step``
+    steps in ``step<k>/`` of the (variant, seed)'s folder; a no-op when checkpoints are off."""
+    every = args.checkpoint_every
+    run_dir = Path(args.out) / name / f"seed{args.seed}"
+    if every > 0:
+        atomic_save_json(run_dir / "config.json", {**config_dict(cfg), "seed": args.seed})
+
+    def save(step: int, student: torch.nn.Module, teacher: ust.EMATeacher) -> None:
+        if every > 0 and (step % every == 0 or step == args.iters):
+            atomic_torch_save(run_dir / f"step{step}" / "teacher.pt", teacher.module.state_dict())
+            atomic_torch_save(run_dir / f"step{step}" / "student.pt", student.state_dict())
+
+    return save
+
+
 def run_variant(
     name: str, opts: dict[str, bool], args: argparse.Namespace, cfg: Config, data, counts
 ) -> dict:
@@ -202,6 +225,7 @@ def run_variant(
     src = iter(loader(source, source_batches(source, opts, args, counts), cfg))
     tgt_order = IterationBatches(len(target), args.batch_size, args.iters, 0, args.seed + 2)
     tgt = iter(loader(target, tgt_order, cfg))
+    save = checkpointer(name, args, cfg)
     bar = progress(total=args.iters, desc=name, quiet=args.quiet)
     for it in range(args.iters):
         s_img, s_lab = crops(next(src), cfg, device, gen, labelled=True)
@@ -220,6 +244,7 @@ def run_variant(
         opt.step()
         sched.step()
         teacher.update(student)
+        save(it + 1, student, teacher)
         bar.update()
         if (it + 1) % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -278,6 +303,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/online")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the teacher and student every N steps (validator candidates; 0: off)",
+    )
     for flag in ("ias", "hpla", "regularisation", "consistency"):
         p.add_argument(
             f"--{flag}",
@@ -285,7 +317,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             default=True,
             help=f"use {flag} in the 'hiast' variant (default: on)",
         )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.checkpoint_every < 0:
+        p.error(f"--checkpoint-every must be >= 0 (0: off), got {args.checkpoint_every}")
+    return args
 
 
 def variant_result(per_seed: list[dict], seeds: list[int], opts: dict[str, bool]) -> dict:
@@ -324,7 +359,12 @@ def run(argv: list[str] | None) -> int:
             cache=Path(args.data_dir) / "source_class_counts.npz",
         )
     out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in RUNTIME_ARGS}
+    # A run with checkpoints is its own unit (a stored result without them has no checkpoints).
+    settings = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in RUNTIME_ARGS and not (k == "checkpoint_every" and v == 0)
+    }
     seeds = args.seeds or [args.seed]
     results, rows = {}, {}
     for v, opts in variants.items():

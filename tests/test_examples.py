@@ -513,6 +513,60 @@ def test_validator_benchmark_script(tiny_run, tmp_path):
     assert "CT, last round (the documented per-seed values)" in text
 
 
+def test_online_checkpoints_are_validator_candidates(tiny_run, tmp_path):
+    """--checkpoint-every keeps the teacher and student every N steps and after the last, without
+    changing the run; the validator benchmark scores them as an online regime."""
+    import importlib.util
+
+    import online_selftraining
+
+    data = str(tiny_run / "data")
+    common = ["--synthetic-preset", "tiny", "--data-dir", data, "--width", "8", "--quiet"]
+    common += ["--iters", "5", "--variants", "hiast"]
+    plain, kept = tmp_path / "plain", tmp_path / "kept"
+    assert online_selftraining.main([*common, "--out", str(plain)]) == 0
+    assert online_selftraining.main([*common, "--out", str(kept), "--checkpoint-every", "2"]) == 0
+    result = {
+        d: json.loads((d / "results.json").read_text())["results"]["hiast"]["miou_per_seed"]
+        for d in (plain, kept)
+    }
+    assert result[plain] == result[kept]  # saving draws no random number
+    run_dir = kept / "hiast" / "seed0"
+    assert sorted(p.name for p in run_dir.glob("step*")) == ["step2", "step4", "step5"]
+    for step in ("step2", "step4", "step5"):
+        assert (run_dir / step / "teacher.pt").is_file() and (
+            run_dir / step / "student.pt"
+        ).is_file()
+    with pytest.raises(SystemExit):
+        online_selftraining.main([*common, "--out", str(kept), "--checkpoint-every", "-1"])
+
+    spec = importlib.util.spec_from_file_location(
+        "validators_bench", EXAMPLES.parent / "docs" / "results" / "validators.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "validators.md"
+    argv = ["--regime", "online", str(kept / "hiast"), "--seeds", "0", "--images", "4"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    rows = json.loads((run_dir / "validators.json").read_text())["candidates"]
+    names = [r["name"] for r in rows]
+    assert names == [f"step{k}/{role}" for k in (2, 4, 5) for role in ("teacher", "student")]
+    assert bench.pick(rows, "last round") == names.index("step5/teacher")
+    assert bench.pick(rows, "round 1") == names.index("step2/teacher")
+    # The final teacher is the model the run evaluated: the same true mIoU.
+    assert 100 * rows[names.index("step5/teacher")]["miou"] == pytest.approx(
+        100 * result[kept][0], abs=1e-6
+    )
+    text = out.read_text()
+    assert "no pseudo-label diagnostics" in text and "| online | entropy |" in text
+    # Patience counts kept steps: a pick one kept step old stops training there.
+    fake = [
+        {**r, "scores": {"entropy": e}} for r, e in zip(rows, (1, 1, 0.5, 0.5, 2, 2), strict=True)
+    ]
+    assert bench.with_patience(fake, "entropy", 1) == (names.index("step4/teacher"), 5)
+    assert bench.with_patience(fake, "entropy", 2) == (names.index("step4/teacher"), 5)
+
+
 def test_backbone_weights_start_source_training(tiny_run):
     """--backbone-weights: source-only training starts from the file's trunk (our checkpoint
     here; the ImageNet and MS-COCO layouts are tested in test_models); a damaged file is named."""

@@ -11,7 +11,10 @@ Each regime names the ``--seeds`` folder of an ``examples/hiast_full.py`` run (`
 and, optionally, the same regime's constant-threshold (CT) run for the comparison. For every seed,
 the candidates are every model the run produced, as the pipeline's ``--select`` sees them after the
 last round: the source-only model and the warm-up when the run trained them (otherwise the
-checkpoint it started from), and each round's EMA teacher and student.
+checkpoint it started from), and each round's EMA teacher and student. A regime may also name a
+variant folder of ``examples/online_selftraining.py --checkpoint-every N``: its candidates are the
+teacher and student of every kept step, "last round" is the last step's teacher and "round 1" the
+first kept step's.
 Each candidate is scored
 
 * by every validator of :data:`uda_selftrain.VALIDATORS`, on ``--images`` target *training* images
@@ -40,7 +43,7 @@ import numpy as np
 import torch
 from examples.pipeline.config import Config
 from examples.pipeline.data import build_data, class_names
-from examples.pipeline.selection import image_batches, run_candidates
+from examples.pipeline.selection import image_batches, run_candidates, step_candidates
 from examples.pipeline.training import build_model
 from scipy.stats import kendalltau
 
@@ -89,7 +92,11 @@ def score_seed(seed_dir: Path, images: int) -> dict[str, Any]:
     _, train, val, _ = build_data(cfg)
     names, models = [], []
     start = cfg.init_warmup or cfg.init_source
-    for name, path in run_candidates(seed_dir, Path(start) if start else None, cfg.rounds):
+    # An online run's step checkpoints, or a round-based run's stages.
+    candidates = step_candidates(seed_dir) or run_candidates(
+        seed_dir, Path(start) if start else None, cfg.rounds
+    )
+    for name, path in candidates:
         model = build_model(cfg)
         load_checkpoint(model, path)
         names.append(name)
@@ -244,10 +251,13 @@ def goal_lines(
         auto.append(a)
         last.append(miou[pick(rows, "last round")])
         best.append(max(miou))
-        first = next(i for i, r in enumerate(rows) if r["name"] in ("warmup", "start"))
-        start.append(miou[first])
         if isinstance(ct, Path):
             ct_miou.append(last_round_miou(ct, s))
+        # An online run trains from scratch: it has no self-training start to compare with.
+        first = next((i for i, r in enumerate(rows) if r["name"] in ("warmup", "start")), None)
+        if first is None:
+            continue
+        start.append(miou[first])
         # Classes the self-training start had at >= 10 IoU and the pick has at 0.
         had = np.array(rows[first]["iou"]) >= 0.10
         lost.append(int((had & (np.array(rows[pick(rows, default)]["iou"]) == 0)).sum()))
@@ -264,16 +274,18 @@ def goal_lines(
         f"| auto-selected | {ms(auto)} | |",
         f"| last round | {ms(last)} | {diff(auto, last)} |",
         f"| best candidate | {ms(best)} | {diff(auto, best)} |",
-        f"| self-training start | {ms(start)} | {diff(auto, start)} |",
     ]
+    if start:
+        lines.append(f"| self-training start | {ms(start)} | {diff(auto, start)} |")
     if ct_miou:
         where = f"`{ct}`" if isinstance(ct, Path) else "the documented per-seed values"
         lines.append(f"| CT, last round ({where}) | {ms(ct_miou)} | {diff(auto, ct_miou)} |")
-    lines.append("")
-    lines.append(
-        "Classes the self-training start had at ≥ 10 IoU that the pick has at 0, per seed: "
-        + ", ".join(str(n) for n in lost)
-    )
+    if lost:
+        lines.append("")
+        lines.append(
+            "Classes the self-training start had at ≥ 10 IoU that the pick has at 0, per seed: "
+            + ", ".join(str(n) for n in lost)
+        )
     return "\n".join(lines)
 
 
@@ -281,6 +293,8 @@ def alarm_lines(run_dir: Path, per_seed: dict[int, list[dict[str, Any]]], seeds:
     """The collapse monitor's flags from round 2 on (where a guard acts), against what the class
     then did in this run (without a guard): fell, held or rose (a false alarm), or was already 0."""
     fell = held = zero = 0
+    if not any(any((run_dir / f"seed{s}").glob("round*/diagnostics.json")) for s in seeds):
+        return "The run keeps no pseudo-label diagnostics (an online run): no flags to count."
     for s in seeds:
         iou = {r["name"]: r["iou"] for r in per_seed[s]}
         for path in sorted((run_dir / f"seed{s}").glob("round*/diagnostics.json")):
@@ -348,20 +362,26 @@ SET_FREE = [v for v in ust.VALIDATORS if v != "ensemble_agreement"]
 
 
 def round_of(name: str) -> int:
-    """The round that made a candidate (0: the self-training start)."""
-    return int(name.split("/")[0].removeprefix("round")) if name.startswith("round") else 0
+    """The round (or an online run's step) that made a candidate (0: the self-training start)."""
+    head = name.split("/")[0]
+    for prefix in ("round", "step"):
+        if head.startswith(prefix):
+            return int(head.removeprefix(prefix))
+    return 0
 
 
 def with_patience(rows: list[dict[str, Any]], validator: str, patience: int) -> tuple[int, int]:
-    """(pick, rounds trained) of ``--select validator --patience N`` on one run: after round k
-    the pipeline picks among the models made so far and stops once the pick is N rounds old."""
-    last = max(round_of(r["name"]) for r in rows)
-    for k in range(1, last + 1):
+    """(pick, rounds or steps trained) of ``--select validator --patience N`` on one run: after
+    each round (kept step) the pick is among the models made so far, and training stops once the
+    pick is N rounds (kept steps) old."""
+    stages = sorted({round_of(r["name"]) for r in rows} - {0})
+    for j, k in enumerate(stages):
         seen = [i for i, r in enumerate(rows) if round_of(r["name"]) <= k]
         best = seen[ust.select_candidate([rows[i]["scores"] for i in seen], validator)]
-        if k - round_of(rows[best]["name"]) >= patience:
+        made = round_of(rows[best]["name"])
+        if j - (stages.index(made) if made in stages else -1) >= patience:
             return best, k
-    return best, last
+    return best, stages[-1]
 
 
 def patience_lines(runs: dict[str, dict[int, list[dict[str, Any]]]], seeds: list[int]) -> str:
@@ -369,12 +389,12 @@ def patience_lines(runs: dict[str, dict[int, list[dict[str, Any]]]], seeds: list
     lines = [
         "### `--patience 1`, simulated from the finished runs",
         "",
-        "After each round the pipeline picks among the models made so far and stops once the pick "
-        "is a round old. Exact for the validators whose score does not depend on the other "
+        "After each round (an online run: each kept step) the pick is among the models made so "
+        "far, and training stops once the pick is a round (a kept step) old. Exact for the validators whose score does not depend on the other "
         "candidates (not ensemble agreement, not mean_rank). True mIoU of the result; rounds "
         "trained; difference to the same validator without patience, per seed.",
         "",
-        "| regime | validator | no patience | `--patience 1` | rounds trained | difference |",
+        "| regime | validator | no patience | `--patience 1` | rounds (steps) trained | difference |",
         "|---|---|---|---|---|---|",
     ]
     for regime, per_seed in runs.items():

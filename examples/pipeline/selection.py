@@ -53,6 +53,22 @@ def run_candidates(run_dir: Path, start: Path | None, rounds: int) -> list[tuple
     return out
 
 
+def step_candidates(run_dir: Path) -> list[tuple[str, Path]]:
+    """The checkpoints an online run keeps (``online_selftraining.py --checkpoint-every``), in
+    step order: each ``step<k>/`` folder's teacher, then its student."""
+    steps = sorted(
+        (int(d.name.removeprefix("step")), d)
+        for d in run_dir.glob("step*")
+        if d.is_dir() and d.name.removeprefix("step").isdigit()
+    )
+    return [
+        (f"step{k}/{role}", d / f"{role}.pt")
+        for k, d in steps
+        for role in ("teacher", "student")
+        if (d / f"{role}.pt").is_file()
+    ]
+
+
 def image_batches(target: Any, num_images: int, batch_size: int = 10) -> list[torch.Tensor]:
     """``num_images`` evenly spaced target training images (uint8), in batches; no labels."""
     idx = np.linspace(0, len(target) - 1, min(num_images, len(target))).round().astype(int)
