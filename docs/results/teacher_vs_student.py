@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from docs.results.validators import run_config
 from examples.pipeline.data import class_names
-from examples.pipeline.selection import run_candidates
+from examples.pipeline.selection import evenly_spaced, run_candidates
 from examples.pipeline.training import build_model
 
 import uda_selftrain as ust
@@ -34,7 +34,7 @@ def shares(seed_dir: Path, images: int) -> dict[str, tuple[np.ndarray, np.ndarra
     labelled = Cityscapes(root, "train")
     if cfg.label_map == "things":
         labelled = MappedLabels(labelled, lookup_table(CITYSCAPES_TO_THINGS))
-    idx = np.linspace(0, len(labelled) - 1, min(images, len(labelled))).round().astype(int)
+    idx = evenly_spaced(len(labelled), images)  # the images the validators score
     items = [labelled[int(i)] for i in idx]
     x = torch.stack([it["image"] for it in items])
     y = torch.stack([it["label"] for it in items]).long()

@@ -193,12 +193,13 @@ def last_round_miou(run_dir: Path, seed: int) -> float:
 def regime_section(
     name: str,
     run_dir: Path,
+    per_seed: dict[int, list[dict[str, Any]]],
     ct: Path | list[float] | None,
     seeds: list[int],
     images: int,
     default: str,
 ) -> tuple[str, dict[str, dict[str, list[float]]]]:
-    per_seed = {s: score_seed(run_dir / f"seed{s}", images)["candidates"] for s in seeds}
+    """A regime's table, candidates and goal lines from its seeds' scored candidates."""
     policies = [*ust.VALIDATORS, *ust.COMBINED, *BASELINES]
     table = {p: {k: [] for k in ("tau", "regret", "within1", "worst", "picked")} for p in policies}
     for s in seeds:
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     start = time.perf_counter()
-    sections, tables = [], {}
+    sections, tables, runs = [], {}, {}
     ct_values = {v[0]: [float(x) for x in v[1:]] for v in args.ct_values}
     images = {name: int(n) for name, n in args.regime_images}
     for spec in args.regime:
@@ -509,20 +510,16 @@ def main(argv: list[str] | None = None) -> int:
         ct: Path | list[float] | None = Path(spec[2]) if len(spec) == 3 else ct_values.get(name)
         t0 = time.perf_counter()
         n = images.get(name, args.images)
-        text, tables[name] = regime_section(name, run, ct, args.seeds, n, args.default)
+        scored = {s: score_seed(run / f"seed{s}", n) for s in args.seeds}
+        runs[name] = {s: d["candidates"] for s, d in scored.items()}
+        text, tables[name] = regime_section(name, run, runs[name], ct, args.seeds, n, args.default)
         # The cost of scoring, as measured when each seed was first scored (later runs read it).
-        cost = [score_seed(run / f"seed{s}", n)["scoring_seconds"] for s in args.seeds]
+        cost = [d["scoring_seconds"] for d in scored.values()]
         sections.append(
             text + f"\n\n(validators on all candidates: {ms(cost, 0)} s per seed when first "
             f"scored; this report {time.perf_counter() - t0:.0f} s)"
         )
         print(sections[-1], file=sys.stderr)
-    runs = {}
-    for spec in args.regime:
-        n = images.get(spec[0], args.images)
-        runs[spec[0]] = {
-            s: score_seed(Path(spec[1]) / f"seed{s}", n)["candidates"] for s in args.seeds
-        }
     for base, variant in args.paired:
         cfg = run_config(
             Path(next(sp[1] for sp in args.regime if sp[0] == base)) / f"seed{args.seeds[0]}"

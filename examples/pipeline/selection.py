@@ -69,9 +69,14 @@ def step_candidates(run_dir: Path) -> list[tuple[str, Path]]:
     ]
 
 
+def evenly_spaced(length: int, num: int) -> np.ndarray:
+    """``min(num, length)`` indices spread evenly over ``range(length)``, first and last included."""
+    return np.linspace(0, length - 1, min(num, length)).round().astype(int)
+
+
 def image_batches(target: Any, num_images: int, batch_size: int = 10) -> list[torch.Tensor]:
     """``num_images`` evenly spaced target training images (uint8), in batches; no labels."""
-    idx = np.linspace(0, len(target) - 1, min(num_images, len(target))).round().astype(int)
+    idx = evenly_spaced(len(target), num_images)
     return [
         torch.stack([target[int(i)]["image"] for i in idx[s : s + batch_size]])
         for s in range(0, len(idx), batch_size)

@@ -129,16 +129,6 @@ def classmix(
             "source_images and target_images must share a dtype (a uint8/float mix pastes 0-255 "
             f"values into [0, 1] images), got {source_images.dtype} and {target_images.dtype}"
         )
-    for name, t in (
-        ("source_images", source_images),
-        ("source_labels", source_labels),
-        ("target_labels", target_labels),
-        ("mask", m),
-    ):
-        if t.device != target_images.device:
-            raise ValueError(
-                f"{name} must be on target_images' device {target_images.device}, got {t.device}"
-            )
     images = torch.where(m.unsqueeze(1), source_images, target_images)
     labels = torch.where(m, source_labels.to(target_labels.dtype), target_labels)
     return ClassMixResult(images, labels, m)
